@@ -1,0 +1,5 @@
+"""ls-autoseg: automatic segmentation pre-annotation for Label Studio."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
