@@ -5,8 +5,13 @@
     ├── PermanentError           retrying will not help: the job fails at once
     │   ├── ImageError           unreadable, corrupt or too large image
     │   ├── ModelError           the model file or its output does not fit the contract
-    │   └── RLEError             a mask or RLE stream that the brush format cannot hold
+    │   ├── RLEError             a mask or RLE stream that the brush format cannot hold
+    │   ├── ProjectMismatchError names or labels that the project's label config lacks
+    │   └── LabelStudioError     Label Studio answered 4xx (other than 429)
+    │       ├── AuthError        401/403: bad, expired or mixed-up token; message says why
+    │       └── NotFoundError    404: a task, project or file that is not (yet) there
     └── RetryableError           transient: the worker retries with backoff
+        └── LabelStudioUnavailable  connection error, timeout, 429 or 5xx (after retries)
 
 Code that decides whether to retry looks only at ``RetryableError`` vs the rest.
 """
@@ -40,3 +45,27 @@ class ModelError(PermanentError):
 
 class RLEError(PermanentError):
     """A mask too large for the brush RLE format, or a malformed RLE stream."""
+
+
+class ProjectMismatchError(PermanentError):
+    """from_name, to_name or label values that the project's label config does not have."""
+
+
+class LabelStudioError(PermanentError):
+    """Label Studio refused a request (a 4xx other than 429)."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class AuthError(LabelStudioError):
+    """The token was refused; the message names the likely cause and the fix."""
+
+
+class NotFoundError(LabelStudioError):
+    """404: the object does not exist, or not yet (webhooks can outrun the import commit)."""
+
+
+class LabelStudioUnavailable(RetryableError):
+    """Label Studio could not be reached, timed out, or answered 429/5xx, after retries."""
