@@ -1,0 +1,379 @@
+"""service.labelstudio against a real Label Studio 1.23.2 (started once per session)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from ls_fixtures import BRUSH_CONFIG, BRUSH_LABELS, brush_result, new_brush_project
+
+from service import lsserver
+from service.errors import AuthError, LabelStudioError, NotFoundError
+from service.labelstudio import LabelStudioClient, PredictionIn
+
+pytestmark = pytest.mark.labelstudio
+
+MakeClient = Callable[..., LabelStudioClient]
+
+
+class RecordingTransport(httpx.AsyncBaseTransport):
+    """The real network, with a list of the paths requested."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.paths: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.path)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def _new_pat(ls_client: MakeClient) -> str:
+    async with ls_client() as ls:
+        return await ls.create_pat(replace_existing=True)
+
+
+def test_legacy_token_verifies(
+    ls_client: MakeClient, label_studio: lsserver.LocalLabelStudio
+) -> None:
+    async def run() -> str:
+        async with ls_client() as ls:
+            assert ls.token_type == "legacy"
+            return await ls.verify()
+
+    assert asyncio.run(run()) == label_studio.username
+
+
+def test_pat_works_and_survives_access_token_expiry(
+    ls_client: MakeClient, label_studio: lsserver.LocalLabelStudio
+) -> None:
+    transport = RecordingTransport()
+
+    async def run() -> None:
+        pat = await _new_pat(ls_client)
+        async with ls_client(pat, transport=transport) as ls:
+            assert ls.token_type == "pat"
+            assert await ls.verify() == label_studio.username
+            first = ls._access
+            # the cached access token is past its refresh time: refreshed before use
+            ls._access_expires_at = time.monotonic() - 1
+            assert await ls.verify() == label_studio.username
+            assert ls._access != first
+            # the server refuses the cached token although it looks fresh: one refresh on 401
+            transport.paths.clear()
+            ls._access = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoiYWNjZXNzIn0.bm9wZQ"
+            ls._access_expires_at = time.monotonic() + 300
+            assert await ls.verify() == label_studio.username
+            assert transport.paths == [
+                "/api/current-user/whoami",
+                "/api/token/refresh/",
+                "/api/current-user/whoami",
+            ]
+
+    asyncio.run(run())
+
+
+def test_token_mix_ups_give_helpful_auth_errors(
+    ls_client: MakeClient, label_studio: lsserver.LocalLabelStudio
+) -> None:
+    async def refused(token: str, token_type: Any = "auto") -> AuthError:
+        async with ls_client(token, token_type=token_type) as ls:
+            with pytest.raises(AuthError) as info:
+                await ls.verify()
+        assert token not in str(info.value)
+        return info.value
+
+    async def run() -> None:
+        pat = await _new_pat(ls_client)
+        error = await refused(pat, "legacy")
+        assert error.status_code == 401
+        assert "Personal Access Token (a JWT) but was sent as a legacy token" in str(error)
+        error = await refused(label_studio.legacy_token, "pat")
+        assert "looks like a legacy token" in str(error)
+        error = await refused("f" * 40)
+        assert "Invalid token." in str(error) and "Copy it again" in str(error)
+        # a revoked PAT (replacing it revokes the old one)
+        await _new_pat(ls_client)
+        error = await refused(pat)
+        assert "revoked" in str(error) and "Account & Settings" in str(error)
+
+    asyncio.run(run())
+
+
+def test_legacy_tokens_disabled_in_the_organization(
+    ls_client: MakeClient, label_studio: lsserver.LocalLabelStudio
+) -> None:
+    def jwt_settings(headers: dict[str, str], legacy_enabled: bool) -> None:
+        body = {"api_tokens_enabled": True, "legacy_api_tokens_enabled": legacy_enabled}
+        response = httpx.post(f"{label_studio.url}/api/jwt/settings", json=body, headers=headers)
+        response.raise_for_status()
+
+    pat = asyncio.run(_new_pat(ls_client))
+    access = httpx.post(f"{label_studio.url}/api/token/refresh/", json={"refresh": pat})
+    bearer = {"Authorization": f"Bearer {access.raise_for_status().json()['access']}"}
+
+    async def run() -> None:
+        async with ls_client() as ls:
+            with pytest.raises(AuthError) as info:
+                await ls.verify()
+        message = str(info.value)
+        assert "legacy token authentication has been disabled" in message
+        assert "Personal Access Token" in message and "/api/jwt/settings" in message
+        async with ls_client(pat) as ls:
+            assert await ls.verify() == label_studio.username
+
+    jwt_settings({"Authorization": f"Token {label_studio.legacy_token}"}, legacy_enabled=False)
+    try:
+        asyncio.run(run())
+    finally:
+        jwt_settings(bearer, legacy_enabled=True)
+
+
+def test_wrong_url_is_named(ls_client: MakeClient, label_studio: lsserver.LocalLabelStudio) -> None:
+    async def run() -> None:
+        async with LabelStudioClient(
+            f"{label_studio.url}/not-here", label_studio.legacy_token, retries=0
+        ) as ls:
+            await ls.verify()
+
+    with pytest.raises(LabelStudioError, match=r"does not look like Label Studio.*Check the URL"):
+        asyncio.run(run())
+
+
+def test_get_project_parses_the_brush_control(ls_client: MakeClient) -> None:
+    async def run() -> None:
+        async with ls_client() as ls:
+            created = await new_brush_project(ls, "brush parse")
+            project = await ls.get_project(created.id)
+            with pytest.raises(NotFoundError):
+                await ls.get_project(created.id + 10_000)
+        assert project.title == "brush parse"
+        assert project.label_config == BRUSH_CONFIG
+        assert project.model_version is None
+        (control,) = project.controls
+        assert control.name == "tag"
+        assert control.type == "BrushLabels"
+        assert control.to_name == ("image",)
+        assert [(i.type, i.value) for i in control.inputs] == [("Image", "image")]
+        assert control.labels == BRUSH_LABELS
+        assert project.control("tag") == control
+
+    asyncio.run(run())
+
+
+def test_250_tasks_are_paged_completely_and_filtered(ls_client: MakeClient) -> None:
+    async def run() -> None:
+        async with ls_client() as ls:
+            project = await new_brush_project(ls)
+            tasks = [{"data": {"image": f"/data/upload/0/{i}.png"}} for i in range(250)]
+            ids = await ls.import_tasks(project.id, tasks)
+            assert len(ids) == 250
+            listed = [task async for task in ls.iter_tasks(project.id, page_size=100)]
+            assert [t.id for t in listed] == sorted(ids)
+            assert [t.data["image"] for t in listed] == [t["data"]["image"] for t in tasks]
+            assert all(t.annotations is None and t.total_predictions == 0 for t in listed)
+
+            await ls.create_prediction(PredictionIn(ids[0], brush_result(), 0.5, "v1"))
+            no_predictions = {
+                "filters": {
+                    "conjunction": "and",
+                    "items": [
+                        {
+                            "filter": "filter:tasks:total_predictions",
+                            "operator": "equal",
+                            "type": "Number",
+                            "value": 0,
+                        }
+                    ],
+                }
+            }
+            todo = [t.id async for t in ls.iter_tasks(project.id, query=no_predictions)]
+            assert todo == sorted(ids)[1:]
+            full = [t async for t in ls.iter_tasks(project.id, page_size=100, fields_all=True)]
+            assert len(full) == 250
+            assert full[0].predictions is not None and len(full[0].predictions) == 1
+            assert full[0].predictions_model_versions == ("v1",)
+
+    asyncio.run(run())
+
+
+def test_files_with_odd_names_round_trip(ls_client: MakeClient) -> None:
+    files = [("img 0.jpg", os.urandom(3000)), ("façade ü.png", os.urandom(2000))]
+
+    async def run() -> None:
+        async with ls_client() as ls:
+            project = await new_brush_project(ls)
+            ids = await ls.upload_files(project.id, files)
+            assert len(ids) == 2
+            for task_id, (_, content) in zip(ids, files, strict=True):
+                task = await ls.get_task(task_id)
+                url = task.data["image"]
+                assert url.startswith(f"/data/upload/{project.id}/")
+                assert await ls.download(task_id, url) == content
+            names = [(await ls.get_task(i)).data["image"] for i in ids]
+            assert names[0].endswith("-img_0.jpg")  # Label Studio sanitizes the name
+            with pytest.raises(NotFoundError):  # Label Studio itself answers 500 here
+                await ls.download(ids[0], f"/data/upload/{project.id}/nothere.png")
+
+    asyncio.run(run())
+
+
+def test_two_step_import_like_the_web_ui(ls_client: MakeClient) -> None:
+    files = [(f"ui {i}.png", os.urandom(100)) for i in range(3)]
+
+    async def run() -> None:
+        async with ls_client() as ls:
+            project = await new_brush_project(ls)
+            upload_ids = await ls.upload_files(project.id, files, commit=False)
+            assert len(upload_ids) == 3
+            assert [t async for t in ls.iter_tasks(project.id)] == []
+            assert await ls.reimport(project.id, upload_ids) == 3
+            tasks = [t async for t in ls.iter_tasks(project.id)]
+            assert len(tasks) == 3
+            downloaded = {await ls.download(t.id, t.data["image"]) for t in tasks}
+            assert downloaded == {content for _, content in files}
+
+    asyncio.run(run())
+
+
+def test_local_files_url_downloads(
+    ls_client: MakeClient, label_studio: lsserver.LocalLabelStudio
+) -> None:
+    root = label_studio.data_dir / "local-images"
+    (root / "sub dir").mkdir(parents=True, exist_ok=True)
+    content = os.urandom(500)
+    (root / "sub dir" / "a b.png").write_bytes(content)
+
+    async def run() -> None:
+        async with ls_client() as ls:
+            project = await new_brush_project(ls)
+            storage = {"project": project.id, "path": str(root), "use_blob_urls": True}
+            headers = {"Authorization": f"Token {label_studio.legacy_token}"}
+            async with httpx.AsyncClient(base_url=label_studio.url, headers=headers) as raw:
+                response = await raw.post("/api/storages/localfiles/", json=storage)
+                response.raise_for_status()
+            (task_id,) = await ls.import_tasks(project.id, [{"data": {"image": "x"}}])
+            url = "/data/local-files/?d=local-images/sub%20dir/a%20b.png"
+            assert await ls.download(task_id, url) == content
+            with pytest.raises(NotFoundError, match=re.escape("d=local-images/nothere.png")):
+                await ls.download(task_id, "/data/local-files/?d=local-images/nothere.png")
+
+    asyncio.run(run())
+
+
+def test_predictions_create_read_import_delete(ls_client: MakeClient) -> None:
+    async def run() -> None:
+        async with ls_client() as ls:
+            project = await new_brush_project(ls)
+            other = await new_brush_project(ls)
+            tasks = [{"data": {"image": f"/data/upload/0/{i}.png"}} for i in range(2)]
+            first, second = await ls.import_tasks(project.id, tasks)
+            (foreign,) = await ls.import_tasks(other.id, tasks[:1])
+
+            pid = await ls.create_prediction(PredictionIn(first, brush_result(), 0.75, "seg-v1"))
+            task = await ls.get_task(first)
+            assert task.total_predictions == 1
+            assert task.predictions is not None
+            (prediction,) = task.predictions
+            assert (prediction.id, prediction.model_version, prediction.score) == (
+                pid,
+                "seg-v1",
+                0.75,
+            )
+            assert [dict(r) for r in prediction.result] == brush_result()
+            assert task.predictions_model_versions == ("seg-v1",)
+
+            # 1.23.2 drops predictions that do not fit the label config, without an error
+            batch = [
+                PredictionIn(first, brush_result("label_b"), 0.5, "seg-v2"),
+                PredictionIn(second, brush_result("label_c"), 0.5, "seg-v2"),
+                PredictionIn(second, brush_result(from_name="unknown"), 0.5, "seg-v2"),
+                PredictionIn(second, brush_result("no_such_label"), 0.5, "seg-v2"),
+            ]
+            assert await ls.import_predictions(project.id, batch) == 2
+            assert (await ls.get_task(second)).total_predictions == 1
+            # one task of another project fails the whole request
+            with pytest.raises(LabelStudioError) as info:
+                await ls.import_predictions(
+                    project.id, [PredictionIn(foreign, brush_result(), 0.5, "x")]
+                )
+            assert info.value.status_code == 400
+
+            await ls.delete_prediction(pid)
+            task = await ls.get_task(first)
+            assert task.predictions is not None
+            assert [p.model_version for p in task.predictions] == ["seg-v2"]
+            with pytest.raises(NotFoundError):
+                await ls.delete_prediction(pid)
+
+    asyncio.run(run())
+
+
+def test_annotations_create_and_delete(ls_client: MakeClient) -> None:
+    async def run() -> None:
+        async with ls_client() as ls:
+            project = await new_brush_project(ls)
+            (task_id,) = await ls.import_tasks(project.id, [{"data": {"image": "/x.png"}}])
+            annotation = await ls.create_annotation(task_id, brush_result("label_d"))
+            assert annotation.task == task_id
+            assert not annotation.was_cancelled and not annotation.ground_truth
+            assert annotation.completed_by is not None
+            assert [dict(r) for r in annotation.result] == brush_result("label_d")
+            skipped = await ls.create_annotation(task_id, [], was_cancelled=True)
+            assert skipped.was_cancelled
+
+            task = await ls.get_task(task_id)
+            assert (task.total_annotations, task.cancelled_annotations) == (1, 1)
+            assert task.annotations is not None
+            assert {a.id for a in task.annotations} == {annotation.id, skipped.id}
+            # get_task expands completed_by into a user object; it is parsed to the id
+            assert {a.completed_by for a in task.annotations} == {annotation.completed_by}
+
+            await ls.delete_annotation(annotation.id)
+            await ls.delete_annotation(skipped.id)
+            assert (await ls.get_task(task_id)).annotations == ()
+            with pytest.raises(NotFoundError):
+                await ls.delete_annotation(annotation.id)
+
+    asyncio.run(run())
+
+
+def test_webhooks_create_list_update(ls_client: MakeClient) -> None:
+    async def run() -> None:
+        async with ls_client() as ls:
+            project = await new_brush_project(ls)
+            hook = await ls.create_webhook(
+                project.id,
+                "http://127.0.0.1:9/hook",  # loopback: allowed because SSRF protection is off
+                {"X-Autoseg-Secret": "s3cret"},
+                ["TASKS_CREATED", "ANNOTATION_CREATED"],
+            )
+            assert hook.project == project.id
+            assert hook.url == "http://127.0.0.1:9/hook"
+            assert dict(hook.headers) == {"X-Autoseg-Secret": "s3cret"}
+            assert set(hook.actions) == {"TASKS_CREATED", "ANNOTATION_CREATED"}
+            assert hook.send_payload and hook.is_active and not hook.send_for_all_actions
+            assert await ls.list_webhooks(project.id) == [hook]
+
+            # a PATCH without actions would clear them in Label Studio: the client keeps them
+            moved = await ls.update_webhook(hook.id, url="http://127.0.0.1:10/hook")
+            assert moved.url == "http://127.0.0.1:10/hook"
+            assert set(moved.actions) == set(hook.actions)
+            assert not moved.send_for_all_actions
+            narrowed = await ls.update_webhook(hook.id, actions=["TASKS_CREATED"])
+            assert narrowed.actions == ("TASKS_CREATED",)
+            assert (await ls.list_webhooks(project.id))[0].actions == ("TASKS_CREATED",)
+
+            await ls.delete_webhook(hook.id)
+            assert await ls.list_webhooks(project.id) == []
+
+    asyncio.run(run())
