@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from service import __version__
-from service.config import Config, find_config, load_config, parse_threshold_flag, parse_thresholds
+from service.config import (
+    Config,
+    LabelStudioConfig,
+    PredictionConfig,
+    ProjectConfig,
+    TokenType,
+    find_config,
+    load_config,
+    parse_threshold_flag,
+    parse_thresholds,
+)
 from service.errors import AutosegError, ConfigError
 
 log = logging.getLogger("service")
@@ -18,6 +30,7 @@ log = logging.getLogger("service")
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
+TOKEN_ENV_VAR = "LABEL_STUDIO_TOKEN"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,14 +87,99 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-progress", action="store_true", help="no progress bar (it hides itself off a TTY)"
     )
     predict.set_defaults(handler=cmd_predict)
+
+    upload = commands.add_parser(
+        "upload",
+        help="turn predict's mask files into Label Studio predictions (dry-run unless --upload)",
+        description="Match masks_binary/<label>/<stem>.png to the project's tasks by file name "
+        "and build brush predictions. Writes --tasks-out and --predictions-out; posts only "
+        "with --upload. Skips annotated tasks and tasks that already have a prediction of "
+        "--model-version.",
+    )
+    add_config_flag(upload, implicit=False)
+    add_label_studio_flags(upload)
+    upload.add_argument("--pred-dir", type=Path, required=True, help="predict's --out-dir")
+    upload.add_argument("--tasks-out", type=Path, help="default: PRED_DIR/labelstudio_tasks.json")
+    upload.add_argument(
+        "--predictions-out", type=Path, help="default: PRED_DIR/labelstudio_predictions.json"
+    )
+    upload.add_argument("--from-name", help="BrushLabels name (default: found in the project)")
+    upload.add_argument("--to-name", help="Image name (default: the one BrushLabels labels)")
+    upload.add_argument("--model-version", help="default: prediction.model_version")
+    upload.add_argument("--score", type=float, help="default: prediction.score")
+    upload.add_argument("--min-pixels", type=int, help="default: prediction.min_pixels")
+    upload.add_argument("--upload", action="store_true", help="post the predictions")
+    upload.add_argument(
+        "--include-existing-predictions",
+        action="store_true",
+        help="also predict tasks that already have a prediction of this model version",
+    )
+    upload.set_defaults(handler=cmd_upload)
+
+    annotations = commands.add_parser(
+        "annotations",
+        help="write an annotations payload for a task id range from mask files (offline)",
+        description="Build [{task, result}] annotation bodies from predict's masks for the "
+        "tasks in --start-id..--end-id of --tasks-json (upload's --tasks-out).",
+    )
+    annotations.add_argument("--tasks-json", type=Path, required=True)
+    annotations.add_argument("--pred-dir", type=Path, required=True)
+    annotations.add_argument("--out", type=Path, required=True)
+    annotations.add_argument("--format", choices=("annotations-api",), default="annotations-api")
+    annotations.add_argument("--start-id", type=int, required=True)
+    annotations.add_argument("--end-id", type=int, required=True)
+    annotations.add_argument("--from-name", default="tag", help="BrushLabels name (default tag)")
+    annotations.add_argument("--to-name", default="image", help="Image name (default image)")
+    annotations.add_argument("--data-key", help="task data key of the image (default: guessed)")
+    annotations.add_argument(
+        "--label-map", default="", help='model label -> project value, e.g. "cat=label_a"'
+    )
+    annotations.add_argument("--model-version", help="accepted for the tutorial's command; unused")
+    annotations.add_argument("--score", type=float, help="accepted for the tutorial; unused")
+    annotations.add_argument("--min-pixels", type=int, default=20)
+    annotations.set_defaults(handler=cmd_annotations)
+
+    replace = commands.add_parser(
+        "replace-annotations",
+        help="plan, then --execute, a reversible replacement of annotations in a task id range",
+        description="Without --execute: write --plan-out (what is created, which annotation "
+        "ids are deleted). With --execute: carry out that plan, refusing if a task changed, "
+        "backing up what it deletes and creating before deleting.",
+    )
+    add_config_flag(replace, implicit=False)
+    add_label_studio_flags(replace)
+    replace.add_argument("--annotations-json", type=Path, required=True)
+    replace.add_argument("--start-id", type=int, required=True)
+    replace.add_argument("--end-id", type=int, required=True)
+    replace.add_argument("--plan-out", type=Path, required=True, help="the plan file")
+    replace.add_argument("--execute", action="store_true", help="carry out the plan in --plan-out")
+    replace.add_argument(
+        "--replace-human-annotations",
+        action="store_true",
+        help="also replace annotations a person made (never done otherwise)",
+    )
+    replace.set_defaults(handler=cmd_replace_annotations)
     return parser
 
 
-def add_config_flag(parser: argparse.ArgumentParser) -> None:
+def add_label_studio_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-url", help="Label Studio URL (default: label_studio.url)")
+    parser.add_argument("--project-id", type=int, help="default: the config's only project")
+    parser.add_argument(
+        "--token",
+        help=f"Personal Access Token or legacy token (default: ${TOKEN_ENV_VAR}, "
+        "then label_studio.token); prefer the variable: flags show in process lists",
+    )
+    parser.add_argument("--token-type", choices=("auto", "pat", "legacy"), help="default: auto")
+
+
+def add_config_flag(parser: argparse.ArgumentParser, implicit: bool = True) -> None:
     parser.add_argument(
         "--config",
         type=Path,
-        help="config file (default: $LS_AUTOSEG_CONFIG, ./config.yaml, then the bundled one)",
+        help="config file (default: $LS_AUTOSEG_CONFIG, ./config.yaml, then the bundled one)"
+        if implicit
+        else "config file supplying defaults for the flags (read only when given)",
     )
 
 
@@ -140,6 +238,130 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for name, reason in report.failed:
         print(f"  failed: {name}: {reason}", file=sys.stderr)
     return EXIT_SOME_FAILED if report.failed else EXIT_OK
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelStudioTarget:
+    url: str
+    token: str
+    token_type: TokenType
+    project: ProjectConfig
+    timeout_s: float
+
+
+def label_studio_target(args: argparse.Namespace, config: Config | None) -> LabelStudioTarget:
+    """Flags first, then $LABEL_STUDIO_TOKEN for the token, then the config file."""
+    ls = config.label_studio if config else LabelStudioConfig()
+    token = args.token or os.environ.get(TOKEN_ENV_VAR)
+    if not token:
+        if config is None:
+            raise ConfigError(f"no token: pass --token or set ${TOKEN_ENV_VAR}")
+        token = config.require(ls.token, "label_studio.token")
+    projects = {p.id: p for p in config.projects} if config else {}
+    if args.project_id is not None:
+        project = projects.get(args.project_id, ProjectConfig(id=args.project_id))
+    elif len(projects) == 1:
+        project = next(iter(projects.values()))
+    else:
+        raise ConfigError("which project? pass --project-id")
+    return LabelStudioTarget(
+        url=(args.base_url or ls.url).rstrip("/"),
+        token=token,
+        token_type=args.token_type or ls.token_type,
+        project=project,
+        timeout_s=ls.timeout_s,
+    )
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from service.labelstudio import LabelStudioClient
+    from service.upload import UploadOptions, run_upload
+
+    config = load_config(args.config) if args.config else None
+    target = label_studio_target(args, config)
+    prediction = config.prediction if config else PredictionConfig()
+    options = UploadOptions(
+        project_id=target.project.id,
+        pred_dir=args.pred_dir,
+        tasks_out=args.tasks_out or args.pred_dir / "labelstudio_tasks.json",
+        predictions_out=args.predictions_out or args.pred_dir / "labelstudio_predictions.json",
+        model_version=args.model_version or prediction.model_version,
+        score=prediction.score if args.score is None else args.score,
+        min_pixels=prediction.min_pixels if args.min_pixels is None else args.min_pixels,
+        from_name=args.from_name or target.project.from_name,
+        to_name=args.to_name or target.project.to_name,
+        label_map=target.project.label_map,
+        upload=args.upload,
+        include_existing=args.include_existing_predictions,
+    )
+
+    async def run() -> int:
+        async with LabelStudioClient(
+            target.url, target.token, target.token_type, timeout_s=target.timeout_s
+        ) as client:
+            report = await run_upload(client, options, sys.stdout)
+        return EXIT_OK if report.ok else EXIT_SOME_FAILED
+
+    return asyncio.run(run())
+
+
+def cmd_annotations(args: argparse.Namespace) -> int:
+    from service.annotations import PayloadOptions, make_payload
+
+    if args.start_id > args.end_id:
+        raise ConfigError("--start-id is greater than --end-id")
+    options = PayloadOptions(
+        tasks_json=args.tasks_json,
+        pred_dir=args.pred_dir,
+        out=args.out,
+        start_id=args.start_id,
+        end_id=args.end_id,
+        from_name=args.from_name,
+        to_name=args.to_name,
+        data_key=args.data_key,
+        label_map=parse_pairs(args.label_map, "--label-map"),
+        min_pixels=args.min_pixels,
+    )
+    make_payload(options, sys.stdout)
+    return EXIT_OK
+
+
+def parse_pairs(text: str, flag: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"{flag} item {item!r} is not NAME=VALUE")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def cmd_replace_annotations(args: argparse.Namespace) -> int:
+    from service.annotations import PlanOptions, execute_plan, write_plan
+    from service.labelstudio import LabelStudioClient
+
+    config = load_config(args.config) if args.config else None
+    target = label_studio_target(args, config)
+
+    async def run() -> int:
+        async with LabelStudioClient(
+            target.url, target.token, target.token_type, timeout_s=target.timeout_s
+        ) as client:
+            if args.execute:
+                report = await execute_plan(client, args.plan_out, sys.stdout)
+                return EXIT_SOME_FAILED if report.refused else EXIT_OK
+            options = PlanOptions(
+                project_id=target.project.id,
+                annotations_json=args.annotations_json,
+                start_id=args.start_id,
+                end_id=args.end_id,
+                plan_out=args.plan_out,
+                replace_human=args.replace_human_annotations,
+            )
+            await write_plan(client, options, sys.stdout)
+            return EXIT_OK
+
+    return asyncio.run(run())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,338 @@
+"""``upload``, ``annotations`` and ``replace-annotations`` against a real Label Studio.
+
+The masks come from ``predict`` with an exact fake model (red -> one label, green -> another),
+so every prediction read back from Label Studio can be decoded and compared with the mask
+file it came from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from ls_fixtures import new_brush_project
+from PIL import Image
+
+from service import lsserver
+from service.cli import main
+from service.config import ModelConfig
+from service.labelstudio import LabelStudioClient, Task
+from service.naming import image_file_name
+from service.results import decode_result
+from service.upload import read_mask
+
+pytestmark = pytest.mark.labelstudio
+
+MakeClient = Callable[..., LabelStudioClient]
+NAMES = ("img 0.png", "façade ü.png", "plain.png", "annotated.png")
+
+
+def picture(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = np.zeros((48, 64, 3), dtype=np.uint8)
+    y, x = rng.integers(0, 30), rng.integers(0, 40)
+    image[y : y + 15, x : x + 20, 0] = 255  # red block
+    image[5:12, 30:60, 1] = 255  # green band
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Setup:
+    def __init__(self, tmp: Path, server: lsserver.LocalLabelStudio, project: int) -> None:
+        self.tmp = tmp
+        self.server = server
+        self.project = project
+        self.pred = tmp / "pred"
+
+    def args(self, *extra: str) -> list[str]:
+        return [
+            "--base-url",
+            self.server.url,
+            "--token",
+            self.server.legacy_token,
+            "--project-id",
+            str(self.project),
+            *extra,
+        ]
+
+
+@pytest.fixture
+def setup(
+    tmp_path: Path,
+    label_studio: lsserver.LocalLabelStudio,
+    ls_client: MakeClient,
+    colour_model: Callable[..., ModelConfig],
+) -> Setup:
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed, name in enumerate(NAMES):
+        (images / name).write_bytes(picture(seed))
+
+    async def prepare() -> int:
+        async with ls_client() as ls:
+            project = await new_brush_project(ls)
+            ids = await ls.upload_files(project.id, [(n, (images / n).read_bytes()) for n in NAMES])
+            # A person annotated the last one: it must never get a prediction.
+            await ls.create_annotation(ids[-1], [])
+            return project.id
+
+    project = asyncio.run(prepare())
+    model = colour_model(channels=2)
+    config = tmp_path / "predict.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "path": str(model.path),
+                    "labels": ["red", "green"],
+                    "input_size": None,
+                    "size_divisor": 8,
+                    "mean": [0, 0, 0],
+                    "std": [1, 1, 1],
+                    "device": "cpu",
+                },
+                "prediction": {"min_pixels": 0},
+            }
+        )
+    )
+    out = tmp_path / "pred"
+    assert (
+        main(
+            ["predict", "--config", str(config), "--images-dir", str(images), "--out-dir", str(out)]
+        )
+        == 0
+    )
+    return Setup(tmp_path, label_studio, project)
+
+
+def label_map_config(setup: Setup) -> Path:
+    path = setup.tmp / "ls.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": "unused.pt", "labels": ["red", "green"]},
+                "prediction": {"model_version": "test-v1", "score": 0.7, "min_pixels": 5},
+                "projects": [
+                    {"id": setup.project, "label_map": {"red": "label_a", "green": "label_b"}}
+                ],
+            }
+        )
+    )
+    return path
+
+
+def tasks_of(ls_client: MakeClient, project: int) -> list[Task]:
+    async def run() -> list[Task]:
+        async with ls_client() as ls:
+            return [t async for t in ls.iter_tasks(project, fields_all=True)]
+
+    return asyncio.run(run())
+
+
+def test_upload_dry_run_then_upload_then_nothing_twice(
+    setup: Setup, ls_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = label_map_config(setup)
+    base = ["upload", "--config", str(config), *setup.args("--pred-dir", str(setup.pred))]
+
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "generated predictions=3" in out
+    assert "dry-run: not uploading predictions" in out
+    assert "skipped (annotated): 1" in out
+    preview = json.loads((setup.pred / "labelstudio_predictions.json").read_text())
+    assert len(preview) == 3 and all(p["model_version"] == "test-v1" for p in preview)
+    assert len(json.loads((setup.pred / "labelstudio_tasks.json").read_text())) == 4
+    assert all(t.total_predictions == 0 for t in tasks_of(ls_client, setup.project))
+
+    assert main([*base, "--upload"]) == 0
+    out = capsys.readouterr().out
+    assert "uploaded predictions=3" in out
+
+    tasks = tasks_of(ls_client, setup.project)
+    by_name = {image_file_name(t.data["image"]): t for t in tasks}
+    assert set(by_name) == {"img_0.png", "façade_ü.png", "plain.png", "annotated.png"}
+    assert by_name["annotated.png"].total_predictions == 0
+    for stored, local in (
+        ("img_0.png", "img 0"),
+        ("façade_ü.png", "façade ü"),
+        ("plain.png", "plain"),
+    ):
+        (prediction,) = by_name[stored].predictions or ()
+        assert prediction.model_version == "test-v1" and prediction.score == pytest.approx(0.7)
+        decoded = dict(decode_result(r) for r in prediction.result)
+        assert set(decoded) == {"label_a", "label_b"}
+        for value, label in (("label_a", "red"), ("label_b", "green")):
+            expected = read_mask(setup.pred / "masks_binary" / label / f"{local}.png")
+            assert decoded[value].shape == (48, 64)
+            np.testing.assert_array_equal(decoded[value] > 0, expected)
+            assert set(np.unique(decoded[value])) == {0, 255}
+
+    # The second run finds every task done and posts nothing.
+    assert main([*base, "--upload"]) == 0
+    out = capsys.readouterr().out
+    assert "generated predictions=0" in out
+    assert "already have 'test-v1' predictions): 3" in out
+    assert sum(t.total_predictions for t in tasks_of(ls_client, setup.project)) == 3
+
+
+def test_names_that_do_not_match_fail_before_any_upload(
+    setup: Setup, ls_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["upload", *setup.args("--pred-dir", str(setup.pred), "--upload")]
+    # The model's labels (red, green) are not the project's values and no label_map is given.
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "green, red are not label values of BrushLabels 'tag'" in err
+    assert "'label_a', 'label_b', 'label_c', 'label_d'" in err
+    config = label_map_config(setup)
+    assert main(["upload", "--config", str(config), *base[1:], "--from-name", "brush"]) == 2
+    assert "from_name 'brush' is not a BrushLabels control" in capsys.readouterr().err
+    assert main(["upload", "--config", str(config), *base[1:], "--to-name", "img"]) == 2
+    assert "to_name 'img' is not what BrushLabels 'tag' labels" in capsys.readouterr().err
+    assert sum(t.total_predictions for t in tasks_of(ls_client, setup.project)) == 0
+
+
+def test_wrong_token_explains_itself(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    args = setup.args("--pred-dir", str(setup.pred))
+    args[args.index("--token") + 1] = "0" * 40
+    assert main(["upload", *args]) == 2
+    err = capsys.readouterr().err
+    assert "401" in err or "Invalid token" in err or "token" in err.lower()
+    assert "0" * 40 not in err
+
+
+def annotate_and_plan(
+    setup: Setup, capsys: pytest.CaptureFixture[str], *extra: str
+) -> dict[str, Any]:
+    tasks_json = setup.tmp / "tasks.json"
+    config = label_map_config(setup)
+    assert (
+        main(
+            [
+                "upload",
+                "--config",
+                str(config),
+                *setup.args("--pred-dir", str(setup.pred), "--tasks-out", str(tasks_json)),
+            ]
+        )
+        == 0
+    )
+    ids = sorted(t["id"] for t in json.loads(tasks_json.read_text()))
+    payload = setup.tmp / "annotations.json"
+    assert main(
+        [
+            "annotations", "--tasks-json", str(tasks_json), "--pred-dir", str(setup.pred),
+            "--out", str(payload), "--start-id", str(ids[0]), "--end-id", str(ids[-1]),
+            "--label-map", "red=label_a,green=label_b", "--min-pixels", "0",
+        ]
+    ) == 0  # fmt: skip
+    assert "generated annotations=4" in capsys.readouterr().out
+    plan = setup.tmp / "plan.json"
+    replace = [
+        "replace-annotations", *setup.args(), "--annotations-json", str(payload),
+        "--start-id", str(ids[0]), "--end-id", str(ids[-1]), "--plan-out", str(plan), *extra,
+    ]  # fmt: skip
+    assert main(replace) == 0
+    return {"ids": ids, "plan": plan, "replace": replace, "payload": payload}
+
+
+def test_replace_plans_spares_people_and_executes_once(
+    setup: Setup, ls_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = annotate_and_plan(setup, capsys)
+    out = capsys.readouterr().out
+    assert "3 task(s) get a new annotation, 0 annotation(s) deleted, 1 skipped" in out
+    assert "human annotation" in out
+    plan = json.loads(run["plan"].read_text())
+    assert [e["skip"] is None for e in plan["tasks"]] == [True, True, True, False]
+
+    assert main([*run["replace"], "--execute"]) == 0
+    tasks = tasks_of(ls_client, setup.project)
+    assert [t.total_annotations for t in tasks] == [1, 1, 1, 1]
+    human = tasks[-1].annotations or ()
+    assert human[0].result == ()  # the person's (empty) annotation is untouched
+    payload = {p["task"]: p["result"] for p in json.loads(run["payload"].read_text())}
+    for task in tasks[:3]:
+        (annotation,) = task.annotations or ()
+        decoded = dict(decode_result(r) for r in annotation.result)
+        for item in payload[task.id]:
+            label, mask = decode_result(item)
+            np.testing.assert_array_equal(decoded[label], mask)
+
+    # Executing the same plan again changes nothing.
+    assert main([*run["replace"], "--execute"]) == 0
+    assert [t.total_annotations for t in tasks_of(ls_client, setup.project)] == [1, 1, 1, 1]
+
+    # A new plan replaces ls-autoseg's own annotations: 3 deleted, 3 created.
+    capsys.readouterr()
+    assert main(run["replace"]) == 0
+    assert "3 task(s) get a new annotation, 3 annotation(s) deleted" in capsys.readouterr().out
+    backup = run["plan"].with_name("plan.json.backup.jsonl")
+    assert main([*run["replace"], "--execute"]) == 0
+    after = tasks_of(ls_client, setup.project)
+    assert [t.total_annotations for t in after] == [1, 1, 1, 1]
+    assert {a.id for t in after[:3] for a in t.annotations or ()}.isdisjoint(
+        {a.id for t in tasks[:3] for a in t.annotations or ()}
+    )
+    saved = [json.loads(line) for line in backup.read_text().splitlines()]
+    assert sorted(s["annotation"]["id"] for s in saved) == sorted(
+        a.id for t in tasks[:3] for a in t.annotations or ()
+    )
+
+
+def test_replace_refuses_a_task_changed_since_the_plan(
+    setup: Setup, ls_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = annotate_and_plan(setup, capsys)
+
+    async def someone_annotates() -> None:
+        async with ls_client() as ls:
+            await ls.create_annotation(run["ids"][0], [])
+
+    asyncio.run(someone_annotates())
+    capsys.readouterr()
+    assert main([*run["replace"], "--execute"]) == 1
+    out = capsys.readouterr().out
+    assert f"task {run['ids'][0]}: its annotations changed" in out and "nothing was changed" in out
+    assert [t.total_annotations for t in tasks_of(ls_client, setup.project)] == [1, 0, 0, 1]
+
+
+def test_replace_interrupted_halfway_is_finished_by_a_second_run(
+    setup: Setup, ls_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = annotate_and_plan(setup, capsys)
+    assert main([*run["replace"], "--execute"]) == 0  # first annotations by ls-autoseg
+    assert main(run["replace"]) == 0  # plan: replace them
+
+    from service import annotations as module
+
+    calls = {"n": 0}
+    real = LabelStudioClient.delete_annotation
+
+    async def crash_on_second_delete(self: LabelStudioClient, annotation_id: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the process stops between two steps
+        await real(self, annotation_id)
+
+    LabelStudioClient.delete_annotation = crash_on_second_delete  # type: ignore[method-assign]
+    try:
+        assert main([*run["replace"], "--execute"]) == 130
+    finally:
+        LabelStudioClient.delete_annotation = real  # type: ignore[method-assign]
+    # Halfway: the second task has its new annotation and still its old one. Nothing is lost.
+    counts = [t.total_annotations for t in tasks_of(ls_client, setup.project)]
+    assert counts == [1, 2, 1, 1]
+    assert module.journal_path(run["plan"]).exists()
+
+    assert main([*run["replace"], "--execute"]) == 0
+    assert [t.total_annotations for t in tasks_of(ls_client, setup.project)] == [1, 1, 1, 1]
