@@ -464,9 +464,14 @@ class LabelStudioClient:
 
     # -- predictions and annotations ----------------------------------------------------------
 
-    async def create_prediction(self, prediction: PredictionIn) -> int:
+    async def create_prediction(self, prediction: PredictionIn, *, retry: bool = True) -> int:
+        """Create one prediction. ``retry=False`` makes one try only: a POST that timed out
+        may have been applied, so a caller that must not duplicate checks and tries again."""
         response = await self._send(
-            "POST", self._url("/api/predictions/"), json_body=prediction.to_json()
+            "POST",
+            self._url("/api/predictions/"),
+            json_body=prediction.to_json(),
+            retries=None if retry else 0,
         )
         return _req_int(_object(_json(response), "prediction"), "id")
 
@@ -741,6 +746,7 @@ class LabelStudioClient:
         stream: bool = False,
         external: bool = False,
         shown: str | None = None,
+        retries: int | None = None,
     ) -> httpx.Response:
         """One request with retries. Returns 1xx-3xx and ``allow``-ed answers, raises for the
         rest. With ``stream`` the returned response is open: the caller closes it."""
@@ -787,7 +793,7 @@ class LabelStudioClient:
                 if detail:
                     reason += f" ({detail})"
                 retry_after = _retry_after_s(response)
-            if attempt >= self._retries:
+            if attempt >= (self._retries if retries is None else retries):
                 where = "" if external else " Label Studio"
                 raise LabelStudioUnavailable(
                     f"{method} {label} failed after {attempt + 1} tries:{where} {reason}"

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from service.config import ModelConfig, PredictionConfig, Thresholds
-from service.errors import ModelError
+from service.errors import AutosegError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class SegmentationModel:
                 )
             except Exception as exc:  # torch raises RuntimeError, ValueError, zipfile errors
                 raise ModelError(
-                    f"cannot load {config.path} as a TorchScript model: {exc}".splitlines()[0]
+                    f"cannot load {config.path} as a TorchScript model: {_short_error(exc)}"
                 ) from exc
         module.eval()
         model = cls(module, config, device)
@@ -128,6 +128,25 @@ class SegmentationModel:
         size = self.config.batch_size
         for start in range(0, len(images), size):
             out.extend(self._predict_batch(images[start : start + size], prediction))
+        return out
+
+    def predict_each(
+        self, images: Sequence[np.ndarray], prediction: PredictionConfig
+    ) -> list[ImagePrediction | str]:
+        """Like :meth:`predict`, but a failure becomes that image's reason string.
+
+        If a batch fails, each image is tried alone, so one image cannot sink the others.
+        """
+        if not images:
+            return []
+        try:
+            return list(self.predict(images, prediction))
+        except AutosegError as exc:
+            if len(images) == 1:
+                return [str(exc)]
+        out: list[ImagePrediction | str] = []
+        for image in images:
+            out.extend(self.predict_each([image], prediction))
         return out
 
     def _predict_batch(
@@ -177,7 +196,7 @@ class SegmentationModel:
         try:
             logits = self._module(x)
         except Exception as exc:
-            raise ModelError(f"model forward failed: {exc}".splitlines()[0]) from exc
+            raise ModelError(f"model forward failed: {_short_error(exc)}") from exc
         if (
             not isinstance(logits, torch.Tensor)
             or logits.ndim != 4
@@ -217,6 +236,14 @@ class SegmentationModel:
                 )
             )
         return ImagePrediction(width=width, height=height, labels=tuple(labels))
+
+
+def _short_error(exc: Exception) -> str:
+    """One line: TorchScript puts the real reason on the last line of a long trace."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
 def _threshold(probs: torch.Tensor, config: ModelConfig, thresholds: Thresholds) -> torch.Tensor:

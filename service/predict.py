@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from service.config import PredictionConfig
-from service.errors import AutosegError, ImageError
+from service.errors import ImageError
 from service.images import read_image
 from service.model import ImagePrediction, SegmentationModel
 
@@ -99,7 +99,7 @@ def run_predict(
                 else:
                     ready.append((path, image))  # type: ignore[arg-type]
             for (path, image), result in zip(
-                ready, _predict(model, ready, prediction), strict=True
+                ready, model.predict_each([image for _, image in ready], prediction), strict=True
             ):
                 if isinstance(result, str):
                     report.failed.append((path.name, result))
@@ -118,23 +118,6 @@ def run_predict(
 def _quiet(progress: bool | None) -> bool | None:
     """tqdm's ``disable``: None hides the bar when stderr is not a terminal."""
     return None if progress is None else not progress
-
-
-def _predict(
-    model: SegmentationModel, ready: list[tuple[Path, np.ndarray]], prediction: PredictionConfig
-) -> list[ImagePrediction | str]:
-    """Predict a batch; if the batch fails, try each image alone so one cannot sink the rest."""
-    if not ready:
-        return []
-    try:
-        return list(model.predict([image for _, image in ready], prediction))
-    except AutosegError as exc:
-        if len(ready) == 1:
-            return [str(exc)]
-    out: list[ImagePrediction | str] = []
-    for item in ready:
-        out.extend(_predict(model, [item], prediction))
-    return out
 
 
 def _stem_clash(stems: dict[str, str], path: Path) -> str | None:

@@ -25,7 +25,7 @@ from service.errors import (
     LabelStudioUnavailable,
     NotFoundError,
 )
-from service.labelstudio import LabelStudioClient, detect_token_type
+from service.labelstudio import LabelStudioClient, PredictionIn, detect_token_type
 
 LS = "http://ls.test"
 LEGACY = "0123456789abcdef0123456789abcdef01234567"
@@ -552,3 +552,24 @@ def test_webhook_refused_by_ssrf_protection_is_not_an_auth_error() -> None:
     assert info.value.status_code == 500
     assert not isinstance(info.value, LabelStudioUnavailable)
     assert calls == ["http://127.0.0.1:8000/hook", "http://autoseg:8000/hook"]  # no retries
+
+
+def test_create_prediction_without_retry_tries_once() -> None:
+    """A POST that timed out may have been applied: the worker checks before trying again."""
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        raise httpx.ReadTimeout("slow", request=request)
+
+    async def run() -> None:
+        async with client(handler) as ls:
+            with pytest.raises(LabelStudioUnavailable, match="failed after 1 tries"):
+                await ls.create_prediction(PredictionIn(1, [], 0.5, "v"), retry=False)
+            assert calls == ["/api/predictions/"]
+            calls.clear()
+            with pytest.raises(LabelStudioUnavailable, match="failed after 4 tries"):
+                await ls.create_prediction(PredictionIn(1, [], 0.5, "v"))
+            assert len(calls) == 4
+
+    asyncio.run(run())

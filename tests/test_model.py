@@ -156,3 +156,28 @@ def test_batches_larger_than_batch_size_are_split(
     assert len(results) == 5
     for image, result in zip(images, results, strict=True):
         np.testing.assert_array_equal(result.labels[0].mask, image[..., 0] > 127)
+
+
+class PickyModel(torch.nn.Module):
+    """Fails on inputs wider than 64 pixels, like a model with a size limit."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 64:
+            raise RuntimeError("input too wide")
+        return x[:, :1] * 40.0 - 20.0
+
+
+def test_predict_each_isolates_the_image_that_breaks_the_batch(
+    tmp_path: Path, colour_model: Callable[..., ModelConfig], prediction: PredictionConfig
+) -> None:
+    path = tmp_path / "picky.pt"
+    torch.jit.save(torch.jit.script(PickyModel()), str(path))
+    config = dataclasses.replace(colour_model(channels=1), path=path)
+    model = SegmentationModel.load(config)
+    good, wide = scene(16, 16, 0), scene(16, 80, 1)
+    with pytest.raises(ModelError, match="input too wide"):
+        model.predict([good, wide], prediction)
+    first, second = model.predict_each([good, wide], prediction)
+    assert not isinstance(first, str)
+    np.testing.assert_array_equal(first.labels[0].mask, good[..., 0] > 127)
+    assert isinstance(second, str) and "input too wide" in second
