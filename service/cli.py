@@ -159,6 +159,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="also replace annotations a person made (never done otherwise)",
     )
     replace.set_defaults(handler=cmd_replace_annotations)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the webhook service: predictions for every imported task",
+        description="Check token, projects and model, then serve POST /webhook, GET /health, "
+        "/ready and /metrics, work through the job queue and reconcile missed tasks.",
+    )
+    add_config_flag(serve)
+    serve.set_defaults(handler=cmd_serve)
+
+    hook = commands.add_parser(
+        "hook",
+        help="create or update the TASKS_CREATED webhook in every configured project",
+    )
+    add_config_flag(hook)
+    hook.add_argument(
+        "--url", required=True, help="the service's webhook URL as Label Studio sees it"
+    )
+    hook.set_defaults(handler=cmd_hook)
+
+    backfill = commands.add_parser(
+        "backfill", help="predict every existing task that has none yet, then exit"
+    )
+    add_config_flag(backfill)
+    backfill.add_argument("--project", type=int, help="only this project")
+    backfill.set_defaults(handler=cmd_backfill)
+
+    status = commands.add_parser("status", help="jobs by state and recent failures")
+    add_config_flag(status)
+    status.add_argument("--failures", type=int, default=20, help="how many failures to list")
+    status.set_defaults(handler=cmd_status)
     return parser
 
 
@@ -362,6 +393,35 @@ def cmd_replace_annotations(args: argparse.Namespace) -> int:
             return EXIT_OK
 
     return asyncio.run(run())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    asyncio.run(serve(read_config(args)))
+    return EXIT_OK
+
+
+def cmd_hook(args: argparse.Namespace) -> int:
+    from service.ops import register_hooks
+
+    asyncio.run(register_hooks(read_config(args), args.url, sys.stdout))
+    return EXIT_OK
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from service.ops import backfill
+    from service.queue import JobState
+
+    changed = asyncio.run(backfill(read_config(args), args.project, sys.stdout))
+    return EXIT_SOME_FAILED if changed[JobState.FAILED] else EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from service.ops import status
+
+    status(read_config(args), sys.stdout, args.failures)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""The service's operator commands: ``hook``, ``backfill`` and ``status``."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from typing import TextIO
+
+from tqdm import tqdm
+
+from service.config import Config
+from service.errors import ConfigError, LabelStudioError
+from service.model import SegmentationModel
+from service.queue import JobState
+from service.server import check_projects, make_client, open_queue, reconcile
+from service.worker import Worker, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+SECRET_HEADER = "X-Webhook-Secret"
+ACTIONS = ("TASKS_CREATED",)
+
+SSRF_HELP = (
+    "Label Studio refused the webhook URL with 403: since 1.23.1 its SSRF protection blocks "
+    "webhooks to loopback and private addresses (localhost, 127.x, 10.x, 172.16-31.x, "
+    "192.168.x, docker service names). Start Label Studio with SSRF_PROTECTION_ENABLED=false "
+    "(or USE_DEFAULT_BANNED_SUBNETS=false), or give a URL Label Studio may call."
+)
+
+
+async def register_hooks(config: Config, url: str, out: TextIO) -> None:
+    """Create or update, idempotently, a TASKS_CREATED webhook in every configured project."""
+    secret = config.require(config.server.webhook_secret, "server.webhook_secret")
+    if not config.projects:
+        raise ConfigError(f"{config.source}: projects lists no Label Studio project")
+    headers = {SECRET_HEADER: secret}
+    async with make_client(config) as client:
+        for project in config.projects:
+            try:
+                hooks = [h for h in await client.list_webhooks(project.id) if h.url == url]
+                if hooks:
+                    await client.update_webhook(
+                        hooks[0].id, url=url, headers=headers, actions=list(ACTIONS)
+                    )
+                    print(f"project {project.id}: webhook {hooks[0].id} updated -> {url}", file=out)
+                else:
+                    hook = await client.create_webhook(project.id, url, headers, list(ACTIONS))
+                    print(f"project {project.id}: webhook {hook.id} created -> {url}", file=out)
+            except LabelStudioError as exc:
+                if exc.status_code == 403:
+                    raise ConfigError(f"project {project.id}: {SSRF_HELP}") from exc
+                raise
+
+
+async def backfill(config: Config, project: int | None, out: TextIO) -> dict[JobState, int]:
+    """One pass over existing tasks: queue the untouched ones and process until the queue is
+    empty. Runs beside a live ``serve`` safely (they share the queue)."""
+    model = SegmentationModel.load(config.model)
+    async with make_client(config) as client:
+        targets = await check_projects(config, client, model.labels)
+        if project is not None and project not in targets:
+            raise ConfigError(f"project {project} is not in {config.source}")
+        with open_queue(config) as queue:
+            queue.recover()
+            before = queue.counts()
+            for project_id in [project] if project is not None else list(targets):
+                new = await reconcile(client, queue, project_id, config.prediction.model_version)
+                print(f"project {project_id}: {new} task(s) queued", file=out)
+            total = queue.pending()
+            worker = Worker(queue, client, model, targets, WorkerSettings(config.prediction))
+            with tqdm(total=total, unit="task", desc="backfill", disable=None) as bar:
+                runner = asyncio.create_task(worker.run_until_idle())
+                while not runner.done():
+                    await asyncio.wait({runner}, timeout=0.5)
+                    bar.n = max(0, total - queue.pending())
+                    bar.refresh()
+                await runner
+            after = queue.counts()
+    changed = {state: after[state] - before[state] for state in JobState}
+    print(
+        "backfill done: "
+        + ", ".join(f"{state.value} {changed[state]}" for state in JobState if changed[state]),
+        file=out,
+    )
+    return changed
+
+
+def status(config: Config, out: TextIO, failures: int = 20) -> dict[JobState, int]:
+    """Jobs by state and the most recent failures with their reasons; needs no token."""
+    path = config.state_dir
+    if not (path / "jobs.sqlite3").exists():
+        print(f"no job queue in {path} yet: `serve` or `backfill` creates it", file=out)
+        return {state: 0 for state in JobState}
+    with open_queue(config) as queue:
+        counts = queue.counts()
+        recent = queue.recent_failures(failures)
+    print("jobs: " + ", ".join(f"{state.value} {counts[state]}" for state in JobState), file=out)
+    if recent:
+        print("recent failures:", file=out)
+    for job in recent:
+        when = dt.datetime.fromtimestamp(job.updated_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        print(
+            f"  {when} project {job.project} task {job.task} (attempts {job.attempts}): "
+            f"{job.reason}",
+            file=out,
+        )
+    return counts

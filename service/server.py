@@ -1,0 +1,270 @@
+"""The always-on service: builds the parts from the config, checks them, runs them together.
+
+``serve`` = start-up checks (token, projects, BrushLabels control, labels vs model) ->
+Starlette app (webhook intake) + worker (pipeline) + reconcile loop, under uvicorn. On
+SIGTERM/SIGINT uvicorn stops taking requests, the lifespan stops the worker, which finishes
+or re-queues what it holds, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from starlette.applications import Starlette
+
+from service.app import Readiness, WebhookSettings, create_app
+from service.config import Config
+from service.errors import AutosegError, ConfigError
+from service.labelstudio import LabelStudioClient
+from service.metrics import Metrics
+from service.model import SegmentationModel
+from service.queue import JobQueue, SQLiteJobQueue
+from service.results import BrushTarget, resolve_target
+from service.worker import Worker, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+QUEUE_FILE = "jobs.sqlite3"
+MAX_ATTEMPTS = 8
+ENQUEUE_CHUNK = 1000
+# Tasks nobody has annotated, skipped or predicted: what a missed webhook leaves behind.
+UNTOUCHED_QUERY: Mapping[str, Any] = {
+    "filters": {
+        "conjunction": "and",
+        "items": [
+            {
+                "filter": f"filter:tasks:{column}",
+                "operator": "equal",
+                "type": "Number",
+                "value": 0,
+            }
+            for column in ("total_annotations", "cancelled_annotations", "total_predictions")
+        ],
+    }
+}
+
+
+def open_queue(config: Config) -> SQLiteJobQueue:
+    return SQLiteJobQueue(config.state_dir / QUEUE_FILE, max_attempts=MAX_ATTEMPTS)
+
+
+def make_client(config: Config) -> LabelStudioClient:
+    ls = config.label_studio
+    return LabelStudioClient(
+        ls.url,
+        config.require(ls.token, "label_studio.token"),
+        ls.token_type,
+        timeout_s=ls.timeout_s,
+    )
+
+
+async def check_projects(
+    config: Config, client: LabelStudioClient, model_labels: tuple[str, ...]
+) -> dict[int, BrushTarget]:
+    """Each configured project's BrushTarget, or a ConfigError that says what to fix."""
+    if not config.projects:
+        raise ConfigError(f"{config.source}: projects lists no Label Studio project")
+    targets = {}
+    for project in config.projects:
+        try:
+            found = await client.get_project(project.id)
+            targets[project.id] = resolve_target(
+                found,
+                model_labels,
+                from_name=project.from_name,
+                to_name=project.to_name,
+                label_map=project.label_map,
+            )
+        except AutosegError as exc:
+            raise ConfigError(f"project {project.id}: {exc}") from exc
+    return targets
+
+
+async def reconcile(
+    client: LabelStudioClient, queue: JobQueue, project: int, model_version: str
+) -> int:
+    """Queue every untouched task of the project; returns how many were new to the queue."""
+    new = 0
+    batch: list[int] = []
+    async for task in client.iter_tasks(project, query=UNTOUCHED_QUERY):
+        batch.append(task.id)
+        if len(batch) >= ENQUEUE_CHUNK:
+            new += await asyncio.to_thread(queue.enqueue, project, batch, model_version)
+            batch = []
+    if batch:
+        new += await asyncio.to_thread(queue.enqueue, project, batch, model_version)
+    log.info("project %s: reconcile queued %d new job(s)", project, new)
+    return new
+
+
+@dataclass
+class Service:
+    """The running parts; also the ``ServiceHooks`` the app calls."""
+
+    config: Config
+    queue: SQLiteJobQueue
+    client: LabelStudioClient
+    model: SegmentationModel
+    targets: dict[int, BrushTarget]
+    worker: Worker
+    metrics: Metrics
+
+    def __post_init__(self) -> None:
+        self._reconcile_requests: asyncio.Queue[int | None] = asyncio.Queue()
+        self._ready_cache: tuple[float, Readiness] | None = None
+
+    @classmethod
+    async def build(cls, config: Config) -> Service:
+        WebhookSettings.from_config(config)
+        model = SegmentationModel.load(config.model)
+        client = make_client(config)
+        try:
+            user = await client.verify()
+            log.info("Label Studio %s: signed in as %s", config.label_studio.url, user)
+            targets = await check_projects(config, client, model.labels)
+        except BaseException:
+            await client.aclose()
+            raise
+        queue = open_queue(config)
+        requeued = queue.recover()
+        if requeued:
+            log.info("re-queued %d job(s) left running by the last run", requeued)
+        metrics = Metrics(queue)
+        worker = Worker(
+            queue,
+            client,
+            model,
+            targets,
+            WorkerSettings(prediction=config.prediction),
+            metrics=metrics,
+        )
+        return cls(config, queue, client, model, targets, worker, metrics)
+
+    # -- ServiceHooks ---------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self.worker.wake()
+
+    def request_reconcile(self, project: int | None) -> None:
+        self._reconcile_requests.put_nowait(project)
+
+    async def readiness(self) -> Readiness:
+        now = time.monotonic()
+        if self._ready_cache and now - self._ready_cache[0] < 5.0:
+            return self._ready_cache[1]
+        checks = {"model": "ok"}
+        try:
+            await self.client.verify()
+            checks["label_studio"] = "ok"
+        except AutosegError as exc:
+            checks["label_studio"] = str(exc)
+        ready = Readiness(ready=all(v == "ok" for v in checks.values()), checks=checks)
+        self._ready_cache = (now, ready)
+        return ready
+
+    # -- running --------------------------------------------------------------------------
+
+    def app(self) -> Starlette:
+        return create_app(
+            WebhookSettings.from_config(self.config),
+            self.queue,
+            self,
+            self.metrics,
+            lifespan=self.lifespan,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        worker = asyncio.create_task(self.worker.run(stop), name="worker")
+        reconciler = asyncio.create_task(self._reconcile_loop(), name="reconcile")
+        try:
+            yield
+        finally:
+            log.info("shutting down: finishing or re-queuing jobs in flight")
+            stop.set()
+            reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reconciler
+            await worker
+            await self.close()
+            log.info("stopped")
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        self.queue.close()
+
+    async def _reconcile_loop(self) -> None:
+        settings = self.config.reconcile
+        if settings.on_startup:
+            self.request_reconcile(None)
+        while True:
+            try:
+                project = await asyncio.wait_for(
+                    self._reconcile_requests.get(), timeout=settings.interval_s
+                )
+            except TimeoutError:
+                project = None
+            projects = list(self.targets) if project is None else [project]
+            for project_id in projects:
+                if project_id not in self.targets:
+                    continue
+                try:
+                    if await reconcile(
+                        self.client,
+                        self.queue,
+                        project_id,
+                        self.config.prediction.model_version,
+                    ):
+                        self.worker.wake()
+                except AutosegError as exc:
+                    log.warning("project %s: reconcile failed: %s", project_id, exc)
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully and return (exit code 0)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises the signal after its graceful shutdown, which would end the
+            # process with -15; a stop we asked for and completed is a clean exit.
+            handled = (signal.SIGINT, signal.SIGTERM)
+            originals = {sig: signal.signal(sig, self._stop) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+        def _stop(self, sig: int, frame: FrameType | None) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting
+            self.should_exit = True
+
+    service = await Service.build(config)
+    server = Server(
+        uvicorn.Config(
+            service.app(),
+            host=config.server.host,
+            port=config.server.port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+        )
+    )
+    log.info(
+        "serving on http://%s:%s (POST /webhook, GET /health /ready /metrics)",
+        config.server.host,
+        config.server.port,
+    )
+    await server.serve()

@@ -1,0 +1,348 @@
+"""The job pipeline: queue -> Label Studio task -> image -> model -> brush results -> prediction.
+
+Three stages overlap so the model is never idle while there is work:
+
+- *prepare* (up to ``concurrency`` jobs at once): re-read the task from Label Studio (the
+  webhook body is never trusted for URLs), skip it if a person annotated it or a prediction
+  of this model_version exists, download and decode the image;
+- *infer* (one at a time): batch the prepared images, up to ``model.batch_size``, waiting only
+  ``batch_wait_s`` for a batch to fill, and run the model in a thread;
+- *post* (up to ``concurrency`` at once): encode the masks, check the task once more for
+  annotations and for a prediction of this version, and post the prediction.
+
+Failures are sorted by the exception tree: a ``RetryableError`` (connection, timeout, 429,
+5xx) sends the job back to the queue with exponential backoff until the queue's attempt limit;
+a 404 for the task is retried for ``not_found_grace_s`` (the web UI's import sends the webhook
+before its transaction commits); any other error fails the job at once with its reason. One
+bad task never stops the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from service.config import PredictionConfig
+from service.errors import AutosegError, NotFoundError, RetryableError
+from service.images import decode_image
+from service.labelstudio import LabelStudioClient, Task
+from service.model import ImagePrediction, SegmentationModel
+from service.queue import Job, JobQueue
+from service.results import BrushTarget, build_prediction
+from service.upload import has_version, is_annotated
+
+log = logging.getLogger(__name__)
+
+
+class WorkerMetrics(Protocol):
+    def job_finished(self, state: str, seconds: float) -> None: ...
+
+    def job_retried(self) -> None: ...
+
+    def inference(self, batch_size: int, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    prediction: PredictionConfig
+    concurrency: int = 4
+    batch_wait_s: float = 0.05
+    not_found_grace_s: float = 30.0
+    retry_base_s: float = 2.0
+    retry_max_s: float = 120.0
+    idle_poll_s: float = 1.0
+    shutdown_grace_s: float = 30.0
+
+
+class SkipJob(Exception):
+    """Not an error: the job ends as ``skipped`` with this reason."""
+
+
+@dataclass
+class _Prepared:
+    job: Job
+    task: Task
+    image: np.ndarray
+    started: float
+
+
+class Worker:
+    def __init__(
+        self,
+        queue: JobQueue,
+        client: LabelStudioClient,
+        model: SegmentationModel,
+        targets: Mapping[int, BrushTarget],
+        settings: WorkerSettings,
+        *,
+        metrics: WorkerMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.queue = queue
+        self.client = client
+        self.model = model
+        self.targets = dict(targets)
+        self.settings = settings
+        self.metrics = metrics
+        self.clock = clock
+        self._wake = asyncio.Event()
+        # Jobs held at once (claimed, not yet settled): enough to keep downloads, one batch in
+        # the model and posts all busy, few enough that a crash re-queues little.
+        self._capacity = settings.concurrency * 2 + model.config.batch_size * 2
+        self.busy = 0
+        self._ready: asyncio.Queue[_Prepared] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._io = asyncio.Semaphore(settings.concurrency)
+        self._batch: list[_Prepared] = []  # in the model right now
+
+    def wake(self) -> None:
+        """New jobs were queued: stop waiting."""
+        self._wake.set()
+
+    # ------------------------------------------------------------------ main loops
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and process jobs until ``stop`` is set; then finish or release what is held."""
+        infer = asyncio.create_task(self._infer_loop(), name="infer")
+        try:
+            await self._claim_loop(stop)
+        finally:
+            await self._shutdown(infer)
+
+    async def run_until_idle(self) -> None:
+        """Process until no job is queued or running (backfill): retries included."""
+        stop = asyncio.Event()
+        runner = asyncio.create_task(self.run(stop))
+        try:
+            while True:
+                pending = await asyncio.to_thread(self.queue.pending)
+                if pending == 0 and self.busy == 0:
+                    break
+                if runner.done():
+                    await runner  # surfaces an error
+                    return
+                await asyncio.sleep(0.2)
+        finally:
+            stop.set()
+            await runner
+
+    async def _claim_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            free = self._capacity - self.busy
+            jobs = await asyncio.to_thread(self.queue.claim, free) if free > 0 else []
+            for job in jobs:
+                self.busy += 1
+                self._spawn(self._prepare(job))
+            if jobs:
+                continue
+            await self._wait(stop)
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        timeout = self.settings.idle_poll_s
+        due = await asyncio.to_thread(self.queue.next_due)
+        if due is not None:
+            timeout = min(timeout, max(0.0, due - self.clock()))
+        self._wake.clear()
+        waiters = [asyncio.create_task(self._wake.wait()), asyncio.create_task(stop.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _shutdown(self, infer: asyncio.Task[None]) -> None:
+        """Let jobs in flight finish for a while, then cancel them (they are released)."""
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        while (self._tasks or self._batch or not self._ready.empty()) and (
+            time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.05)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        infer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await infer
+        # Prepared images that never reached the model go back to the queue unused.
+        while not self._ready.empty():
+            item = self._ready.get_nowait()
+            await self._release(item.job)
+            self.busy -= 1
+
+    # ------------------------------------------------------------------ stages
+
+    async def _prepare(self, job: Job) -> None:
+        started = self.clock()
+        handed_over = False
+        try:
+            async with self._io:
+                target = self._target(job)
+                task = await self._task(job)
+                url = task.data.get(target.data_key)
+                if not isinstance(url, str) or not url:
+                    raise _Permanent(f"task has no image URL under data key {target.data_key!r}")
+                data = await self.client.download(task.id, url)
+            image = await asyncio.to_thread(
+                decode_image,
+                data,
+                max_pixels=self.settings.prediction.max_pixels,
+                name=f"task {task.id} image",
+            )
+            await self._ready.put(_Prepared(job, task, image, started))
+            handed_over = True
+        except BaseException as exc:
+            await self._settle(job, exc, started)
+        finally:
+            if not handed_over:
+                self.busy -= 1
+
+    async def _task(self, job: Job) -> Task:
+        """Re-read the task; skip it if a person annotated it or this version predicted it."""
+        try:
+            task = await self.client.get_task(job.task)
+        except NotFoundError as exc:
+            if self.clock() - job.created_at < self.settings.not_found_grace_s:
+                raise _NotYet(f"task {job.task} not found yet (import not committed?)") from exc
+            raise
+        if task.project is not None and task.project != job.project:
+            raise _Permanent(f"task {job.task} belongs to project {task.project}")
+        if is_annotated(task):
+            raise SkipJob("annotated")
+        if has_version(task, self.settings.prediction.model_version):
+            raise SkipJob("exists")
+        return task
+
+    async def _infer_loop(self) -> None:
+        batch_size = self.model.config.batch_size
+        while True:
+            batch = [await self._ready.get()]
+            deadline = time.monotonic() + self.settings.batch_wait_s
+            while len(batch) < batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 and self._ready.empty():
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._ready.get(), max(remaining, 0)))
+                except TimeoutError:
+                    break
+            began = time.perf_counter()
+            self._batch = batch
+            try:
+                results = await asyncio.to_thread(
+                    self.model.predict_each,
+                    [item.image for item in batch],
+                    self.settings.prediction,
+                )
+            except asyncio.CancelledError:
+                for item in batch:
+                    await self._release(item.job)
+                    self.busy -= 1
+                raise
+            finally:
+                self._batch = []
+            if self.metrics:
+                self.metrics.inference(len(batch), time.perf_counter() - began)
+            for item, result in zip(batch, results, strict=True):
+                self._spawn(self._post(item, result))
+
+    async def _post(self, item: _Prepared, result: ImagePrediction | str) -> None:
+        job = item.job
+        try:
+            if isinstance(result, str):
+                raise _Permanent(result)
+            target = self._target(job)
+            masks = {m.label: m.mask for m in result.kept}
+            prediction = await asyncio.to_thread(
+                build_prediction,
+                job.task,
+                masks,
+                result.width,
+                result.height,
+                target,
+                score=self.settings.prediction.score,
+                model_version=self.settings.prediction.model_version,
+            )
+            async with self._io:
+                # Once more just before posting: a person may have started meanwhile, and a
+                # POST of an earlier attempt may have landed although it timed out.
+                await self._task(job)
+                prediction_id = await self.client.create_prediction(prediction, retry=False)
+            await self._finish(job, "done", f"prediction {prediction_id}", item.started)
+        except BaseException as exc:
+            await self._settle(job, exc, item.started)
+        finally:
+            self.busy -= 1
+
+    def _target(self, job: Job) -> BrushTarget:
+        target = self.targets.get(job.project)
+        if target is None:
+            raise _Permanent(f"project {job.project} is not in the config")
+        return target
+
+    # ------------------------------------------------------------------ outcomes
+
+    async def _settle(self, job: Job, exc: BaseException, started: float) -> None:
+        """Turn an exception into the job's next state; never raises (but re-raises cancel)."""
+        if isinstance(exc, asyncio.CancelledError):
+            await self._release(job)
+            raise exc
+        if isinstance(exc, SkipJob):
+            await self._finish(job, "skipped", str(exc), started)
+        elif isinstance(exc, _NotYet):
+            await self._retry(job, str(exc), base=1.0)
+        elif isinstance(exc, RetryableError):
+            await self._retry(job, str(exc), base=self.settings.retry_base_s)
+        elif isinstance(exc, AutosegError | _Permanent):
+            await self._finish(job, "failed", str(exc), started)
+        elif isinstance(exc, Exception):
+            log.exception(
+                "job %s project %s task %s: internal error", job.id, job.project, job.task
+            )
+            await self._finish(
+                job, "failed", f"internal error: {type(exc).__name__}: {exc}", started
+            )
+        else:
+            await self._release(job)
+            raise exc
+
+    async def _retry(self, job: Job, reason: str, base: float) -> None:
+        delay = min(self.settings.retry_max_s, base * 2 ** max(0, job.attempts - 1))
+        after = await asyncio.to_thread(self.queue.retry_later, job.id, reason, delay)
+        if self.metrics:
+            self.metrics.job_retried()
+            if after.state == "failed":
+                self.metrics.job_finished("failed", self.clock() - job.created_at)
+
+    async def _finish(self, job: Job, state: str, reason: str, started: float) -> None:
+        mark = {
+            "done": self.queue.mark_done,
+            "skipped": self.queue.mark_skipped,
+            "failed": self.queue.mark_failed,
+        }[state]
+        await asyncio.to_thread(mark, job.id, reason)
+        if self.metrics:
+            self.metrics.job_finished(state, self.clock() - started)
+
+    async def _release(self, job: Job) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(asyncio.to_thread(self.queue.release, job.id))
+
+
+class _Permanent(Exception):
+    """A job-level permanent failure that is not one of the package's own errors."""
+
+
+class _NotYet(Exception):
+    """The task is not visible yet: retried until the grace period ends."""
