@@ -220,7 +220,8 @@ def test_api_and_ui_imports_get_exactly_one_correct_prediction_each(
     # A task imported with an annotation must get no prediction.
     async def annotated_import() -> int:
         async with ls_client() as ls:
-            some = [t async for t in ls.iter_tasks(project)][0]
+            tasks = [t async for t in ls.iter_tasks(project)]
+            some = tasks[0]
             (task_id,) = await ls.import_tasks(
                 project, [{"data": {"image": some.data["image"]}, "annotations": [{"result": []}]}]
             )
