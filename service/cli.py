@@ -31,6 +31,7 @@ EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 TOKEN_ENV_VAR = "LABEL_STUDIO_TOKEN"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,6 +191,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flag(status)
     status.add_argument("--failures", type=int, default=20, help="how many failures to list")
     status.set_defaults(handler=cmd_status)
+
+    quick = commands.add_parser(
+        "quickstart",
+        help="start a local Label Studio and the service, import samples, show the masks",
+        description="Install (once) and start Label Studio on localhost with a demo user, "
+        "create a project with the model's labels, start the service, register the webhook, "
+        "import the sample images and wait for their predictions. Ctrl-C stops both.",
+    )
+    add_config_flag(quick)
+    quick.add_argument(
+        "--images-dir", type=Path, default=REPO / "samples" / "images", help="images to import"
+    )
+    quick.add_argument(
+        "--data-dir", type=Path, help="Label Studio data, config and queue (default: in the cache)"
+    )
+    quick.add_argument("--label-studio-url", help="use this Label Studio instead of starting one")
+    quick.add_argument("--token", help=f"its token (default: ${TOKEN_ENV_VAR})")
+    quick.add_argument("--exit", action="store_true", help="stop once the samples have masks")
+    quick.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for masks")
+    quick.set_defaults(handler=cmd_quickstart)
     return parser
 
 
@@ -422,6 +443,22 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     status(read_config(args), sys.stdout, args.failures)
     return EXIT_OK
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from service.lsserver import cache_dir
+    from service.quickstart import QuickstartOptions, quickstart
+
+    options = QuickstartOptions(
+        base_config=read_config(args),
+        images_dir=args.images_dir,
+        data_dir=args.data_dir or cache_dir() / "quickstart",
+        label_studio_url=args.label_studio_url,
+        token=args.token or os.environ.get(TOKEN_ENV_VAR),
+        exit_when_done=args.exit,
+        timeout_s=args.timeout,
+    )
+    return asyncio.run(quickstart(options, sys.stdout))
 
 
 if __name__ == "__main__":

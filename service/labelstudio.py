@@ -351,6 +351,20 @@ class LabelStudioClient:
         response = await self._send("GET", self._url(f"/api/projects/{int(project_id)}/"))
         return _parse_project(_json(response))
 
+    async def list_projects(self) -> list[Project]:
+        """Every project the user can see, a page at a time."""
+        projects: list[Project] = []
+        page = 1
+        while True:
+            response = await self._send(
+                "GET", self._url("/api/projects/"), params={"page": page, "page_size": 100}
+            )
+            body = _object(_json(response), "project list")
+            projects.extend(_parse_project(raw) for raw in _list(body.get("results"), "results"))
+            if not body.get("next"):
+                return projects
+            page += 1
+
     async def create_project(self, title: str, label_config: str) -> Project:
         response = await self._send(
             "POST",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+import uvicorn
 from starlette.applications import Starlette
 
 from service.app import Readiness, WebhookSettings, create_app
@@ -229,42 +230,47 @@ class Service:
                     log.warning("project %s: reconcile failed: %s", project_id, exc)
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully and return (exit code 0)."""
-    import uvicorn
+class _Server(uvicorn.Server):
+    """uvicorn's server, but a SIGTERM/SIGINT we handled gracefully ends in exit code 0."""
 
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            # uvicorn re-raises the signal after its graceful shutdown, which would end the
-            # process with -15; a stop we asked for and completed is a clean exit.
-            handled = (signal.SIGINT, signal.SIGTERM)
-            originals = {sig: signal.signal(sig, self._stop) for sig in handled}
-            try:
-                yield
-            finally:
-                for sig, handler in originals.items():
-                    signal.signal(sig, handler)
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises the signal after its graceful shutdown, which would end the
+        # process with -15; a stop we asked for and completed is a clean exit.
+        handled = (signal.SIGINT, signal.SIGTERM)
+        originals = {sig: signal.signal(sig, self._stop) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
 
-        def _stop(self, sig: int, frame: FrameType | None) -> None:
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True  # a second Ctrl-C: stop waiting
-            self.should_exit = True
+    def _stop(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting
+        self.should_exit = True
 
-    service = await Service.build(config)
-    server = Server(
+
+def make_server(service: Service) -> uvicorn.Server:
+    server = service.config.server
+    log.info(
+        "serving on http://%s:%s (POST /webhook, GET /health /ready /metrics)",
+        server.host,
+        server.port,
+    )
+    return _Server(
         uvicorn.Config(
             service.app(),
-            host=config.server.host,
-            port=config.server.port,
+            host=server.host,
+            port=server.port,
             log_config=None,
             access_log=False,
             lifespan="on",
         )
     )
-    log.info(
-        "serving on http://%s:%s (POST /webhook, GET /health /ready /metrics)",
-        config.server.host,
-        config.server.port,
-    )
-    await server.serve()
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully and return (exit code 0)."""
+    service = await Service.build(config)
+    await make_server(service).serve()
