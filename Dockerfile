@@ -11,8 +11,11 @@ COPY pyproject.toml README.md config.yaml ./
 COPY service ./service
 COPY models ./models
 COPY samples ./samples
-RUN pip install -e . && useradd --create-home autoseg && chown autoseg /app
+RUN pip install -e . && useradd --create-home autoseg && mkdir /state \
+    && chown autoseg /app /state
 USER autoseg
+EXPOSE 9090
 
+# `docker run IMAGE predict --images-dir ... --out-dir ...` runs any other command.
 ENTRYPOINT ["ls-autoseg"]
-CMD ["--help"]
+CMD ["serve", "--config", "/app/config.yaml"]

@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upload.add_argument("--from-name", help="BrushLabels name (default: found in the project)")
     upload.add_argument("--to-name", help="Image name (default: the one BrushLabels labels)")
+    upload.add_argument(
+        "--label-map",
+        default="",
+        help='model label -> project label value, e.g. "circle=label_a" (adds to the config\'s)',
+    )
     upload.add_argument("--model-version", help="default: prediction.model_version")
     upload.add_argument("--score", type=float, help="default: prediction.score")
     upload.add_argument("--min-pixels", type=int, help="default: prediction.min_pixels")
@@ -342,7 +347,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
         min_pixels=prediction.min_pixels if args.min_pixels is None else args.min_pixels,
         from_name=args.from_name or target.project.from_name,
         to_name=args.to_name or target.project.to_name,
-        label_map=target.project.label_map,
+        label_map={**target.project.label_map, **parse_pairs(args.label_map, "--label-map")},
         upload=args.upload,
         include_existing=args.include_existing_predictions,
     )

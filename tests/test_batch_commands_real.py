@@ -198,6 +198,14 @@ def test_names_that_do_not_match_fail_before_any_upload(
     assert "from_name 'brush' is not a BrushLabels control" in capsys.readouterr().err
     assert main(["upload", "--config", str(config), *base[1:], "--to-name", "img"]) == 2
     assert "to_name 'img' is not what BrushLabels 'tag' labels" in capsys.readouterr().err
+    # --label-map on the command line does what the config's label_map does.
+    mapped = [*base[:-1], "--label-map", "red=label_c,green=label_d"]
+    assert main(mapped) == 0
+    preview = json.loads((setup.pred / "labelstudio_predictions.json").read_text())
+    assert {r["value"]["brushlabels"][0] for p in preview for r in p["result"]} == {
+        "label_c",
+        "label_d",
+    }
     assert sum(t.total_predictions for t in tasks_of(ls_client, setup.project)) == 0
 
 
