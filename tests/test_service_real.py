@@ -315,3 +315,46 @@ def test_sigterm_exits_zero_with_work_in_flight(
     tasks = wait_for_predictions(ls_client, project, 20)
     assert_correct(tasks, pictures, set())
     assert service.stop(signal.SIGINT) == 0
+
+
+def test_backfill_predicts_existing_tasks_and_reports_failures(
+    env: dict[str, object], ls_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    service, project, config = env["service"], env["project"], env["config"]
+    assert isinstance(service, ServiceProcess) and isinstance(project, int)
+    pictures = upload(ls_client, project, [f"img_{i}.png" for i in range(3)])
+    black = io.BytesIO()
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(black, format="PNG")
+
+    async def more() -> tuple[int, int]:
+        async with ls_client() as ls:
+            empty, broken = await ls.upload_files(
+                project, [("black.png", black.getvalue()), ("broken.png", b"\x89PNG not really")]
+            )
+            return empty, broken
+
+    empty, broken = asyncio.run(more())
+    old = {k: os.environ.get(k) for k in ("LABEL_STUDIO_TOKEN", "LS_AUTOSEG_WEBHOOK_SECRET")}
+    os.environ.update({k: v for k, v in service.env.items() if k in old})
+    try:
+        code = main(["backfill", "--config", str(config)])
+        status_code = main(["status", "--config", str(config)])
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    out = capsys.readouterr().out
+    assert code == 1  # one task failed
+    assert status_code == 0
+    assert "backfill done: done 4, failed 1" in out
+    assert f"task {broken} (attempts 1): task {broken} image: not an image" in out
+    tasks = {t.id: t for t in tasks_of(ls_client, project)}
+    assert tasks[broken].total_predictions == 0
+    (prediction,) = tasks[empty].predictions or ()
+    assert prediction.result == ()  # the model saw it and found nothing
+    del tasks[empty], tasks[broken]
+    assert_correct(list(tasks.values()), pictures, set())
