@@ -100,7 +100,13 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def is_annotated(task: Task) -> bool:
-    """A person has looked at it: any annotation, submitted or skipped."""
+    """A person has looked at it: any annotation, submitted or skipped.
+
+    The annotation list decides when it was fetched: Label Studio updates the task's counters
+    after an import has already sent its webhook, so a fresh task can show 0 with one there.
+    """
+    if task.annotations:
+        return True
     return task.total_annotations > 0 or task.cancelled_annotations > 0
 
 
