@@ -58,6 +58,20 @@ def colour_model(tmp_path: Path) -> Callable[..., ModelConfig]:
     return make
 
 
+def model_section(model: ModelConfig, **extra: object) -> dict[str, object]:
+    """The ``model:`` section of a config file for ``model`` (tests write config files)."""
+    return {
+        "path": str(model.path),
+        "labels": list(model.labels),
+        "input_size": list(model.input_size) if model.input_size else None,
+        "size_divisor": model.size_divisor,
+        "mean": list(model.mean),
+        "std": list(model.std),
+        "device": model.device,
+        **extra,
+    }
+
+
 @pytest.fixture
 def prediction() -> PredictionConfig:
     return PredictionConfig(min_pixels=0, prob_upsample=False)

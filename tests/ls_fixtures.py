@@ -12,6 +12,7 @@ Tests run their async bodies with ``asyncio.run``, so clients are made inside th
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 from service import lsserver
-from service.labelstudio import LabelStudioClient, Project
+from service.labelstudio import LabelStudioClient, Project, Task
 
 # The tutorial's label config (seed section 四): one Image, one BrushLabels with four labels.
 BRUSH_CONFIG = """<View>
@@ -78,3 +79,13 @@ def brush_result(label: str = "label_a", from_name: str = "tag") -> list[dict[st
             "value": {"format": "rle", "rle": [0, 0, 0, 16, 7], "brushlabels": [label]},
         }
     ]
+
+
+def tasks_of(ls_client: Callable[..., LabelStudioClient], project: int) -> list[Task]:
+    """Every task of a project with its annotations and predictions (synchronous, for tests)."""
+
+    async def run() -> list[Task]:
+        async with ls_client() as ls:
+            return [t async for t in ls.iter_tasks(project, fields_all=True)]
+
+    return asyncio.run(run())

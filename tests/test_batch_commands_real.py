@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from ls_fixtures import new_brush_project
+from conftest import model_section
+from ls_fixtures import new_brush_project, tasks_of
 from PIL import Image
 
 from service import lsserver
 from service.cli import main
 from service.config import ModelConfig
-from service.labelstudio import LabelStudioClient, Task
+from service.labelstudio import LabelStudioClient
 from service.naming import image_file_name
 from service.results import decode_result
 from service.upload import read_mask
@@ -90,15 +91,7 @@ def setup(
     config.write_text(
         yaml.safe_dump(
             {
-                "model": {
-                    "path": str(model.path),
-                    "labels": ["red", "green"],
-                    "input_size": None,
-                    "size_divisor": 8,
-                    "mean": [0, 0, 0],
-                    "std": [1, 1, 1],
-                    "device": "cpu",
-                },
+                "model": model_section(model, labels=["red", "green"]),
                 "prediction": {"min_pixels": 0},
             }
         )
@@ -127,14 +120,6 @@ def label_map_config(setup: Setup) -> Path:
         )
     )
     return path
-
-
-def tasks_of(ls_client: MakeClient, project: int) -> list[Task]:
-    async def run() -> list[Task]:
-        async with ls_client() as ls:
-            return [t async for t in ls.iter_tasks(project, fields_all=True)]
-
-    return asyncio.run(run())
 
 
 def test_upload_dry_run_then_upload_then_nothing_twice(

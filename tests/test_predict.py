@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from conftest import model_section
 from PIL import Image
 
 from service.cli import main
@@ -19,16 +20,7 @@ from service.config import ModelConfig
 
 def write_config(path: Path, model: ModelConfig, **prediction: object) -> Path:
     doc = {
-        "model": {
-            "path": str(model.path),
-            "labels": list(model.labels),
-            "input_size": None,
-            "size_divisor": model.size_divisor,
-            "mean": list(model.mean),
-            "std": list(model.std),
-            "device": "cpu",
-            "batch_size": 2,
-        },
+        "model": model_section(model, batch_size=2),
         "prediction": {"min_pixels": 0, "prob_upsample": False, **prediction},
     }
     path.write_text(yaml.safe_dump(doc), encoding="utf-8")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import model_section
 from PIL import Image
 
 from service import lsserver
@@ -36,15 +37,7 @@ def setup_files(tmp_path: Path, model: ModelConfig) -> tuple[Path, Path, dict[st
     config.write_text(
         yaml.safe_dump(
             {
-                "model": {
-                    "path": str(model.path),
-                    "labels": ["red", "green"],
-                    "input_size": None,
-                    "size_divisor": 8,
-                    "mean": [0, 0, 0],
-                    "std": [1, 1, 1],
-                    "device": "cpu",
-                },
+                "model": model_section(model, labels=["red", "green"]),
                 "prediction": {"min_pixels": 0, "model_version": "qs-v1"},
             }
         )

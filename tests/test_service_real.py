@@ -21,7 +21,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from ls_fixtures import new_brush_project
+from conftest import model_section
+from ls_fixtures import new_brush_project, tasks_of
 from PIL import Image
 
 from service import lsserver
@@ -105,16 +106,7 @@ def env(
         yaml.safe_dump(
             {
                 "label_studio": {"url": label_studio.url, "token": "${LABEL_STUDIO_TOKEN}"},
-                "model": {
-                    "path": str(model.path),
-                    "labels": ["red", "green"],
-                    "input_size": None,
-                    "size_divisor": 8,
-                    "mean": [0, 0, 0],
-                    "std": [1, 1, 1],
-                    "device": "cpu",
-                    "batch_size": 4,
-                },
+                "model": model_section(model, labels=["red", "green"], batch_size=4),
                 "prediction": {"model_version": "svc-v1", "min_pixels": 0},
                 "projects": [{"id": project, "label_map": {"red": "label_a", "green": "label_b"}}],
                 "server": {
@@ -150,14 +142,6 @@ def env(
     if service.process and service.process.poll() is None:
         service.process.kill()
         service.process.wait()
-
-
-def tasks_of(ls_client: MakeClient, project: int) -> list[Task]:
-    async def run() -> list[Task]:
-        async with ls_client() as ls:
-            return [t async for t in ls.iter_tasks(project, fields_all=True)]
-
-    return asyncio.run(run())
 
 
 def wait_for_predictions(
