@@ -22,7 +22,7 @@ LABELS: tuple[str, ...] = ("circle", "rectangle", "triangle")
 
 _MIN_OBJECTS = 2
 _MAX_OBJECTS = 6
-# Object extent (circle diameter, rectangle long side, triangle circumdiameter) as a
+# Object size (circle diameter, rectangle long side, triangle side) as a
 # fraction of the image's shorter side.
 _MIN_SIZE = 0.08
 _MAX_SIZE = 0.35
@@ -150,7 +150,8 @@ def _background(rng: np.random.Generator, height: int, width: int) -> FloatImage
 def _random_shape(rng: np.random.Generator, height: int, width: int, near: _Shape | None) -> _Shape:
     label = int(rng.integers(0, len(LABELS)))
     size = rng.uniform(_MIN_SIZE, _MAX_SIZE) * min(height, width)
-    radius = size / 2
+    # Half the extent; an equilateral triangle of side `size` has circumradius size / sqrt(3).
+    radius = size / math.sqrt(3) if LABELS[label] == "triangle" else size / 2
     if near is None:
         center = (rng.uniform(0, width), rng.uniform(0, height))
     else:
@@ -181,7 +182,7 @@ def _random_shape(rng: np.random.Generator, height: int, width: int, near: _Shap
         # Near-equilateral, jittered so that triangles differ, but never a sliver.
         angles = rotation + np.array([0.0, 2 * math.pi / 3, 4 * math.pi / 3])
         angles += rng.uniform(-0.35, 0.35, size=3)
-        radii = radius * rng.uniform(0.8, 1.0, size=3)
+        radii = radius * rng.uniform(0.85, 1.0, size=3)
         polygon = np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1) + center
     return _Shape(label=label, polygon=polygon, center=center, radius=radius)
 
