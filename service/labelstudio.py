@@ -296,10 +296,12 @@ class LabelStudioClient:
 
     # -- account ------------------------------------------------------------------------------
 
-    async def verify(self) -> str:
-        """Check the URL and the token; return the user's email (or username)."""
+    async def verify(self, *, retries: int | None = None) -> str:
+        """Check the URL and the token; return the user's email (or username).
+
+        ``retries`` overrides the client's own (a health probe wants an answer now)."""
         url = self._url("/api/current-user/whoami")
-        response = await self._send("GET", url, allow=frozenset({404}))
+        response = await self._send("GET", url, allow=frozenset({404}), retries=retries)
         if response.status_code == 404 or not _is_json(response):
             raise LabelStudioError(
                 f"{self.base_url} does not look like Label Studio: GET /api/current-user/whoami "

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterable
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
@@ -88,6 +88,11 @@ class Metrics:
             buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.label_studio_outage = Gauge(
+            "ls_autoseg_label_studio_outage",
+            "1 while Label Studio is unreachable or refuses the token (jobs wait, not fail).",
+            registry=self.registry,
+        )
         # Labelled series appear only once touched; create them so a scrape shows zeros
         # (rate() over a series that springs into being misses its first increment).
         for outcome in WEBHOOK_OUTCOMES:
@@ -119,6 +124,10 @@ class Metrics:
         """One model batch of ``batch_size`` images took ``seconds``."""
         self.inference_seconds.observe(seconds)
         self.inference_batch_size.observe(batch_size)
+
+    def outage(self, active: bool) -> None:
+        """Label Studio became unusable (``True``) or usable again (``False``)."""
+        self.label_studio_outage.set(1 if active else 0)
 
 
 class QueueCollector:

@@ -19,6 +19,8 @@ from service.worker import Worker, WorkerSettings
 log = logging.getLogger(__name__)
 
 SECRET_HEADER = "X-Webhook-Secret"
+# backfill is a one-off command: an outage this long ends it (the queue keeps the jobs).
+BACKFILL_OUTAGE_LIMIT_S = 300.0
 ACTIONS = ("TASKS_CREATED",)
 
 SSRF_HELP = (
@@ -68,7 +70,8 @@ async def backfill(config: Config, project: int | None, out: TextIO) -> dict[Job
                 new = await reconcile(client, queue, project_id, config.prediction.model_version)
                 print(f"project {project_id}: {new} task(s) queued", file=out)
             total = queue.pending()
-            worker = Worker(queue, client, model, targets, WorkerSettings(config.prediction))
+            settings = WorkerSettings(config.prediction, outage_limit_s=BACKFILL_OUTAGE_LIMIT_S)
+            worker = Worker(queue, client, model, targets, settings)
             with tqdm(total=total, unit="task", desc="backfill", disable=None) as bar:
                 runner = asyncio.create_task(worker.run_until_idle())
                 while not runner.done():

@@ -99,8 +99,9 @@ class JobQueue(Protocol):
         """Queue a running job again after ``delay_s``; fail it once out of attempts."""
         ...
 
-    def release(self, job_id: int) -> Job:
-        """Give back a running job that was never started, without counting the attempt."""
+    def release(self, job_id: int, reason: str | None = None) -> Job:
+        """Give back a running job without counting the attempt (it was never started, or
+        Label Studio as a whole was unavailable); ``reason``, if given, replaces the last."""
         ...
 
     def recover(self) -> int:
@@ -482,12 +483,15 @@ class SQLiteJobQueue(JobQueue):
             )
         return after
 
-    def release(self, job_id: int) -> Job:
+    def release(self, job_id: int, reason: str | None = None) -> Job:
         after = self._finish(
             job_id,
             "release",
             lambda job, now: _Change(
-                JobState.QUEUED, job.reason, job.not_before, max(job.attempts - 1, 0)
+                JobState.QUEUED,
+                job.reason if reason is None else reason,
+                job.not_before,
+                max(job.attempts - 1, 0),
             ),
         )
         log.debug("%s: running -> queued (released, attempt not counted)", _describe(after))

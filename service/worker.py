@@ -15,6 +15,14 @@ Failures are sorted by the exception tree: a ``RetryableError`` (connection, tim
 a 404 for the task is retried for ``not_found_grace_s`` (the web UI's import sends the webhook
 before its transaction commits); any other error fails the job at once with its reason. One
 bad task never stops the others.
+
+An outage is not a job's failure. When a job fails with a ``RetryableError`` or an
+``AuthError``, the worker asks Label Studio who it is (``verify``): if that fails too, Label
+Studio as a whole is down or the token was revoked, so the job goes back to the queue without
+spending an attempt, the worker stops claiming and probes every ``outage_probe_s`` seconds,
+and resumes on its own once Label Studio answers (a revoked token: once the service runs with
+a valid one). Jobs wait out any outage; ``outage_limit_s`` (for ``backfill``) ends the wait
+with an error instead.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from typing import Protocol
 import numpy as np
 
 from service.config import PredictionConfig
-from service.errors import AutosegError, NotFoundError, RetryableError
+from service.errors import AuthError, AutosegError, NotFoundError, RetryableError
 from service.images import decode_image
 from service.labelstudio import LabelStudioClient, Task
 from service.model import ImagePrediction, SegmentationModel
@@ -48,6 +56,8 @@ class WorkerMetrics(Protocol):
 
     def inference(self, batch_size: int, seconds: float) -> None: ...
 
+    def outage(self, active: bool) -> None: ...
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -59,6 +69,8 @@ class WorkerSettings:
     retry_max_s: float = 120.0
     idle_poll_s: float = 1.0
     shutdown_grace_s: float = 30.0
+    outage_probe_s: float = 5.0
+    outage_limit_s: float | None = None  # None: wait for Label Studio as long as it takes
 
 
 class SkipJob(Exception):
@@ -101,6 +113,9 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._io = asyncio.Semaphore(settings.concurrency)
         self._batch: list[_Prepared] = []  # in the model right now
+        self.outage: str | None = None  # why Label Studio cannot be used right now
+        self._outage_since = 0.0
+        self._outage_lock = asyncio.Lock()
 
     def wake(self) -> None:
         """New jobs were queued: stop waiting."""
@@ -135,6 +150,9 @@ class Worker:
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            if self.outage is not None:
+                await self._probe(stop)
+                continue
             free = self._capacity - self.busy
             jobs = await asyncio.to_thread(self.queue.claim, free) if free > 0 else []
             for job in jobs:
@@ -156,6 +174,58 @@ class Worker:
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+    # ------------------------------------------------------------------ outages
+
+    async def _label_studio_down(self) -> bool:
+        """After a retryable or auth failure: is Label Studio as a whole unusable?"""
+        async with self._outage_lock:
+            if self.outage is not None:
+                return True
+            try:
+                await self.client.verify(retries=1)
+            except (RetryableError, AuthError) as exc:
+                self.outage = str(exc)
+                self._outage_since = time.monotonic()
+                log.warning(
+                    "Label Studio unusable, jobs wait in the queue (not failed) and the worker "
+                    "probes every %.0f s: %s",
+                    self.settings.outage_probe_s,
+                    self.outage,
+                )
+                if self.metrics:
+                    self.metrics.outage(True)
+                return True
+            except AutosegError:
+                return False
+            return False
+
+    async def _probe(self, stop: asyncio.Event) -> None:
+        """One outage probe after ``outage_probe_s``; ends the outage when Label Studio answers."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), self.settings.outage_probe_s)
+        if stop.is_set():
+            return
+        down_s = time.monotonic() - self._outage_since
+        try:
+            await self.client.verify(retries=0)
+        except (RetryableError, AuthError) as exc:
+            limit = self.settings.outage_limit_s
+            if limit is not None and down_s >= limit:
+                raise type(exc)(
+                    f"Label Studio unusable for {down_s:.0f} s, giving up (queued jobs are "
+                    f"kept): {exc}"
+                ) from exc
+            if str(exc) != self.outage:
+                log.warning("Label Studio still unusable: %s", exc)
+                self.outage = str(exc)
+            return
+        except AutosegError as exc:
+            log.warning("Label Studio probe: %s", exc)
+        log.info("Label Studio usable again after %.0f s: resuming", down_s)
+        self.outage = None
+        if self.metrics:
+            self.metrics.outage(False)
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
@@ -302,6 +372,10 @@ class Worker:
             await self._finish(job, "skipped", str(exc), started)
         elif isinstance(exc, _NotYet):
             await self._retry(job, str(exc), base=1.0)
+        elif isinstance(exc, RetryableError | AuthError) and await self._label_studio_down():
+            await self._release(job, f"waiting for Label Studio: {exc}")
+            if self.metrics:
+                self.metrics.job_retried()
         elif isinstance(exc, RetryableError):
             await self._retry(job, str(exc), base=self.settings.retry_base_s)
         elif isinstance(exc, AutosegError | _Permanent):
@@ -335,9 +409,9 @@ class Worker:
         if self.metrics:
             self.metrics.job_finished(state, self.clock() - started)
 
-    async def _release(self, job: Job) -> None:
+    async def _release(self, job: Job, reason: str | None = None) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.shield(asyncio.to_thread(self.queue.release, job.id))
+            await asyncio.shield(asyncio.to_thread(self.queue.release, job.id, reason))
 
 
 class _Permanent(Exception):

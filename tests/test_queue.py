@@ -392,6 +392,10 @@ def test_release_gives_a_job_back_without_counting_the_attempt(queue: SQLiteJobQ
     (retried,) = queue.claim(1)
     assert retried.attempts == 2
     assert queue.release(retried.id).attempts == 1
+    # An outage gives the job back with the reason it waits for, still not counted.
+    (waiting,) = queue.claim(1)
+    released = queue.release(waiting.id, "waiting: Label Studio unreachable")
+    assert (released.reason, released.attempts) == ("waiting: Label Studio unreachable", 1)
 
 
 # -- crashes -----------------------------------------------------------------------------------

@@ -1,0 +1,333 @@
+"""The worker under faults a real Label Studio cannot show on demand: a connection refused for
+a while, 503s and timeouts on single requests, a POST that lands but times out, a token that
+stops working. Label Studio is an ``httpx.MockTransport`` here; the queue, the model (an exact
+fake), the codec and the client are the real ones, and every prediction posted is decoded and
+compared with the mask the image must give. The same faults against a real Label Studio are
+in tests/test_faults_real.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.config import ModelConfig, PredictionConfig
+from service.labelstudio import LabelStudioClient
+from service.model import SegmentationModel
+from service.queue import JobState, SQLiteJobQueue
+from service.results import BrushTarget, decode_result
+from service.worker import Worker, WorkerSettings
+
+PROJECT = 7
+TASK_RE = re.compile(r"^/api/tasks/(\d+)/$")
+INVALID_TOKEN = {"detail": "Invalid token."}
+
+
+def red_block(task_id: int) -> tuple[bytes, np.ndarray]:
+    image = np.zeros((24, 32, 3), dtype=np.uint8)
+    image[task_id % 10 : task_id % 10 + 8, 4:20, 0] = 255
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue(), image[..., 0] > 127
+
+
+@dataclass
+class FakeLabelStudio:
+    """Tasks, their images and the predictions posted; ``fault`` decides each answer."""
+
+    tasks: list[int]
+    predictions: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    requests: list[str] = field(default_factory=list)
+    down: bool = False
+    revoked: bool = False
+    # (method, path regex) -> answers to give first: an int status, "timeout", "timeout-after"
+    # (apply the request, then time out) or "refused"
+    faults: dict[tuple[str, str], list[object]] = field(default_factory=dict)
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        self.requests.append(f"{request.method} {path}")
+        if self.down:
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        if self.revoked:
+            return httpx.Response(401, json=INVALID_TOKEN)
+        after: str | None = None
+        for (method, pattern), answers in self.faults.items():
+            if answers and method == request.method and re.search(pattern, path):
+                answer = answers.pop(0)
+                if answer == "refused":
+                    raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+                if answer == "timeout":
+                    raise httpx.ReadTimeout("timed out", request=request)
+                if answer == "timeout-after":
+                    after = "timeout"
+                    break
+                assert isinstance(answer, int)
+                return httpx.Response(answer, json={"detail": "injected"})
+        response = self.answer(request)
+        if after == "timeout":
+            raise httpx.ReadTimeout("timed out after the server applied it", request=request)
+        return response
+
+    def answer(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/api/current-user/whoami":
+            return httpx.Response(200, json={"id": 1, "email": "ops@example.com"})
+        if match := TASK_RE.match(path):
+            task_id = int(match.group(1))
+            if task_id not in self.tasks:
+                return httpx.Response(404, json={"detail": "Not found."})
+            predictions = self.predictions.get(task_id, [])
+            return httpx.Response(
+                200,
+                json={
+                    "id": task_id,
+                    "project": PROJECT,
+                    "data": {"image": f"/data/upload/{PROJECT}/{task_id}.png"},
+                    "annotations": [],
+                    "predictions": predictions,
+                    "total_annotations": 0,
+                    "cancelled_annotations": 0,
+                    "total_predictions": len(predictions),
+                },
+            )
+        if path.startswith(f"/data/upload/{PROJECT}/"):
+            data, _ = red_block(int(path.rsplit("/", 1)[1].split(".")[0]))
+            return httpx.Response(200, content=data, headers={"Content-Type": "image/png"})
+        if path == "/api/predictions/" and request.method == "POST":
+            body = json.loads(request.content)
+            stored = {**body, "id": 1000 + sum(map(len, self.predictions.values()))}
+            self.predictions.setdefault(body["task"], []).append(stored)
+            return httpx.Response(201, json=stored)
+        return httpx.Response(404, json={"detail": f"no route {path}"})
+
+
+@dataclass
+class Outages:
+    changes: list[bool] = field(default_factory=list)
+
+    def job_finished(self, state: str, seconds: float) -> None:
+        pass
+
+    def job_retried(self) -> None:
+        pass
+
+    def inference(self, batch_size: int, seconds: float) -> None:
+        pass
+
+    def outage(self, active: bool) -> None:
+        self.changes.append(active)
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Iterator[SQLiteJobQueue]:
+    with SQLiteJobQueue(tmp_path / "jobs.sqlite3", max_attempts=4) as queue:
+        yield queue
+
+
+Run = Callable[..., Any]
+
+
+@pytest.fixture
+def run(queue: SQLiteJobQueue, colour_model: Callable[..., ModelConfig]) -> Run:
+    """Run a worker against ``fake`` until ``until(fake)`` holds (or a timeout)."""
+    model = SegmentationModel.load(colour_model(channels=1))
+    target = BrushTarget(PROJECT, "tag", "image", "image", {"red": "label_a"})
+
+    def go(
+        fake: FakeLabelStudio,
+        during: Callable[[FakeLabelStudio, Worker], Any] | None = None,
+        **settings: Any,
+    ) -> Outages:
+        outages = Outages()
+
+        async def main() -> None:
+            client = LabelStudioClient(
+                "http://ls.test",
+                "0123456789abcdef0123456789abcdef01234567",
+                timeout_s=5,
+                retries=1,
+                backoff_s=0.001,
+                transport=httpx.MockTransport(fake.handler),
+            )
+            worker = Worker(
+                queue,
+                client,
+                model,
+                {PROJECT: target},
+                WorkerSettings(
+                    PredictionConfig(min_pixels=0, prob_upsample=False),
+                    retry_base_s=0.01,
+                    outage_probe_s=0.02,
+                    idle_poll_s=0.02,
+                    **settings,
+                ),
+                metrics=outages,
+            )
+            queue.enqueue(PROJECT, fake.tasks, "v1")
+            stop = asyncio.Event()
+            runner = asyncio.create_task(worker.run(stop))
+            try:
+                if during is not None:
+                    await during(fake, worker)
+                async with asyncio.timeout(20):
+                    while queue.pending() or worker.busy:
+                        assert not runner.done(), runner
+                        await asyncio.sleep(0.01)
+            finally:
+                stop.set()
+                await runner
+                await client.aclose()
+
+        asyncio.run(main())
+        return outages
+
+    return go
+
+
+def assert_one_correct_prediction_each(fake: FakeLabelStudio, tasks: list[int]) -> None:
+    for task in tasks:
+        posted = fake.predictions.get(task, [])
+        assert len(posted) == 1, f"task {task}: {len(posted)} predictions"
+        decoded = dict(decode_result(r) for r in posted[0]["result"])
+        np.testing.assert_array_equal(decoded["label_a"] > 0, red_block(task)[1])
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def test_label_studio_down_mid_run_spends_no_attempts_and_resumes(
+    run: Run, queue: SQLiteJobQueue
+) -> None:
+    fake = FakeLabelStudio(tasks=list(range(1, 13)))
+
+    async def outage(fake: FakeLabelStudio, worker: Worker) -> None:
+        await until(lambda: len(fake.predictions) >= 2)
+        fake.down = True
+        await until(lambda: worker.outage is not None)
+        # Down for many probe intervals: far more than the queue's 4 attempts would allow.
+        await asyncio.sleep(0.5)
+        assert queue.counts()[JobState.FAILED] == 0
+        assert "Connection refused" in worker.outage
+        fake.down = False
+
+    outages = run(fake, during=outage)
+    assert_one_correct_prediction_each(fake, fake.tasks)
+    counts = queue.counts()
+    assert counts[JobState.DONE] == 12 and counts[JobState.FAILED] == 0
+    assert outages.changes == [True, False]
+    assert max(queue.get(PROJECT, t, "v1").attempts for t in fake.tasks) <= 2  # type: ignore[union-attr]
+
+
+def test_revoked_token_keeps_the_jobs_queued_with_the_reason_and_resumes(
+    run: Run, queue: SQLiteJobQueue
+) -> None:
+    fake = FakeLabelStudio(tasks=list(range(1, 7)), revoked=True)
+
+    async def fix_token(fake: FakeLabelStudio, worker: Worker) -> None:
+        await until(lambda: worker.outage is not None)
+        await asyncio.sleep(0.3)
+        counts = queue.counts()
+        assert counts[JobState.FAILED] == 0 and counts[JobState.DONE] == 0
+        assert "refused the legacy token" in (worker.outage or "")
+        waiting = [queue.get(PROJECT, t, "v1") for t in fake.tasks]
+        assert any(j and j.reason and "waiting for Label Studio" in j.reason for j in waiting)
+        fake.revoked = False  # a valid token again
+
+    outages = run(fake, during=fix_token)
+    assert_one_correct_prediction_each(fake, fake.tasks)
+    assert outages.changes == [True, False]
+
+
+def test_503s_and_timeouts_on_single_requests_are_retried_with_attempts_counted(
+    run: Run, queue: SQLiteJobQueue
+) -> None:
+    fake = FakeLabelStudio(tasks=list(range(1, 9)))
+    fake.faults = {
+        ("GET", r"^/api/tasks/3/$"): [503, 503],  # twice through the client's one retry
+        ("GET", r"^/data/upload/7/5\.png$"): ["timeout", "timeout"],
+        ("POST", r"^/api/predictions/$"): [500],  # one-try POST: the job retries
+    }
+    outages = run(fake)
+    assert_one_correct_prediction_each(fake, fake.tasks)
+    assert queue.get(PROJECT, 3, "v1").attempts == 2  # type: ignore[union-attr]
+    assert queue.get(PROJECT, 5, "v1").attempts == 2  # type: ignore[union-attr]
+    assert outages.changes == []  # Label Studio answered verify: no outage
+
+
+def test_a_post_that_landed_but_timed_out_is_not_posted_again(
+    run: Run, queue: SQLiteJobQueue
+) -> None:
+    fake = FakeLabelStudio(tasks=[1, 2, 3])
+    fake.faults = {("POST", r"^/api/predictions/$"): ["timeout-after"]}
+    run(fake)
+    assert_one_correct_prediction_each(fake, fake.tasks)
+    jobs = [queue.get(PROJECT, t, "v1") for t in fake.tasks]
+    # The timed-out POST had landed: the retry's re-check finds it and posts nothing.
+    assert sorted(str(j.reason)[:10] for j in jobs if j) == ["exists", "prediction", "prediction"]
+
+
+def test_a_task_that_keeps_failing_fails_alone_with_a_readable_reason(
+    run: Run, queue: SQLiteJobQueue
+) -> None:
+    fake = FakeLabelStudio(tasks=list(range(1, 7)))
+    fake.faults = {("GET", r"^/api/tasks/4/$"): [500] * 100}
+    run(fake)
+    assert_one_correct_prediction_each(fake, [1, 2, 3, 5, 6])
+    failed = queue.get(PROJECT, 4, "v1")
+    assert failed is not None and failed.state is JobState.FAILED
+    assert failed.reason == (
+        "gave up after 4 attempts: GET http://ls.test/api/tasks/4/ failed after 2 tries: "
+        "Label Studio HTTP 500 (injected)"
+    )
+
+
+def test_backfill_gives_up_on_a_long_outage_and_keeps_the_jobs(
+    queue: SQLiteJobQueue, colour_model: Callable[..., ModelConfig]
+) -> None:
+    from service.errors import LabelStudioUnavailable
+
+    fake = FakeLabelStudio(tasks=[1, 2], down=True)
+    model = SegmentationModel.load(colour_model(channels=1))
+    target = BrushTarget(PROJECT, "tag", "image", "image", {"red": "label_a"})
+
+    async def main() -> None:
+        async with LabelStudioClient(
+            "http://ls.test",
+            "0123456789abcdef0123456789abcdef01234567",
+            retries=0,
+            transport=httpx.MockTransport(fake.handler),
+        ) as client:
+            worker = Worker(
+                queue,
+                client,
+                model,
+                {PROJECT: target},
+                WorkerSettings(
+                    PredictionConfig(min_pixels=0),
+                    outage_probe_s=0.02,
+                    outage_limit_s=0.2,
+                    idle_poll_s=0.02,
+                ),
+            )
+            queue.enqueue(PROJECT, fake.tasks, "v1")
+            with pytest.raises(LabelStudioUnavailable, match=r"giving up .*Connection refused"):
+                await worker.run_until_idle()
+
+    asyncio.run(main())
+    counts = queue.counts()
+    assert counts[JobState.QUEUED] == 2 and counts[JobState.FAILED] == 0
