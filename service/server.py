@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 QUEUE_FILE = "jobs.sqlite3"
 MAX_ATTEMPTS = 8
 ENQUEUE_CHUNK = 1000
+READY_PROBE_TIMEOUT_S = 5.0
 # Tasks nobody has annotated, skipped or predicted: what a missed webhook leaves behind.
 UNTOUCHED_QUERY: Mapping[str, Any] = {
     "filters": {
@@ -162,11 +163,20 @@ class Service:
         if self._ready_cache and now - self._ready_cache[0] < 5.0:
             return self._ready_cache[1]
         checks = {"model": "ok"}
-        try:
-            await self.client.verify()
-            checks["label_studio"] = "ok"
-        except AutosegError as exc:
-            checks["label_studio"] = str(exc)
+        if self.worker.outage is not None:
+            # the worker is waiting out an outage and probes by itself
+            checks["label_studio"] = self.worker.outage
+        else:
+            try:
+                # one quick try: a probe must answer while Label Studio is down or hanging
+                await asyncio.wait_for(self.client.verify(retries=0), READY_PROBE_TIMEOUT_S)
+                checks["label_studio"] = "ok"
+            except AutosegError as exc:
+                checks["label_studio"] = str(exc)
+            except TimeoutError:
+                checks["label_studio"] = (
+                    f"Label Studio did not answer within {READY_PROBE_TIMEOUT_S:.0f} s"
+                )
         ready = Readiness(ready=all(v == "ok" for v in checks.values()), checks=checks)
         self._ready_cache = (now, ready)
         return ready

@@ -2,7 +2,7 @@
 ``ls-autoseg serve`` process, which posts predictions back. No manual step anywhere.
 
 The model is an exact fake (red -> label_a, green -> label_b), so every prediction read back
-is decoded and compared with the mask the image must give.
+is decoded and compared with the mask the image must give (tests/service_harness.py).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import asyncio
 import io
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,71 +18,22 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import yaml
-from conftest import model_section
-from ls_fixtures import new_brush_project, tasks_of
+from ls_fixtures import tasks_of
 from PIL import Image
+from service_harness import (
+    SECRET,
+    MakeClient,
+    ServiceEnv,
+    assert_correct,
+    make_env,
+    upload,
+    wait_for_predictions,
+)
 
 from service import lsserver
 from service.config import ModelConfig
-from service.labelstudio import LabelStudioClient, Task
-from service.results import decode_result
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
-
-MakeClient = Callable[..., LabelStudioClient]
-SECRET = "test-webhook-secret-4f1c"
-
-
-def picture(seed: int) -> tuple[bytes, np.ndarray]:
-    """A PNG with a red block and a green band; returns the bytes and the RGB pixels."""
-    rng = np.random.default_rng(seed)
-    image = np.zeros((40 + seed % 7, 56 + seed % 5, 3), dtype=np.uint8)
-    y, x = int(rng.integers(0, 20)), int(rng.integers(0, 30))
-    image[y : y + 12, x : x + 18, 0] = 255
-    image[3 : 9 + seed % 4, 20:50, 1] = 255
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue(), image
-
-
-class ServiceProcess:
-    """``ls-autoseg serve`` in a subprocess, as an operator runs it."""
-
-    def __init__(self, config: Path, port: int, log: Path, token: str) -> None:
-        self.config = config
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-        self.env = {**os.environ, "LABEL_STUDIO_TOKEN": token, "LS_AUTOSEG_WEBHOOK_SECRET": SECRET}
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve", "--config", str(self.config)],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"service not ready:\n{self.log.read_text()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.process is not None
-        self.process.send_signal(sig)
-        return self.process.wait(timeout=60)
-
-    def webhook(self, body: object, secret: str | None = SECRET) -> httpx.Response:
-        headers = {"X-Webhook-Secret": secret} if secret is not None else {}
-        return httpx.post(f"{self.url}/webhook", json=body, headers=headers, timeout=10)
 
 
 @pytest.fixture
@@ -93,109 +42,16 @@ def env(
     label_studio: lsserver.LocalLabelStudio,
     ls_client: MakeClient,
     colour_model: Callable[..., ModelConfig],
-) -> Iterator[dict[str, object]]:
-    async def make_project() -> int:
-        async with ls_client() as ls:
-            return (await new_brush_project(ls)).id
-
-    project = asyncio.run(make_project())
-    model = colour_model(channels=2)
-    port = lsserver.free_port()
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "label_studio": {"url": label_studio.url, "token": "${LABEL_STUDIO_TOKEN}"},
-                "model": model_section(model, labels=["red", "green"], batch_size=4),
-                "prediction": {"model_version": "svc-v1", "min_pixels": 0},
-                "projects": [{"id": project, "label_map": {"red": "label_a", "green": "label_b"}}],
-                "server": {
-                    "host": "127.0.0.1",
-                    "port": port,
-                    "webhook_secret": "${LS_AUTOSEG_WEBHOOK_SECRET}",
-                },
-                "state_dir": str(tmp_path / "state"),
-                "reconcile": {"on_startup": True, "interval_s": 3600},
-            }
-        )
-    )
-    service = ServiceProcess(config, port, tmp_path / "service.log", label_studio.legacy_token)
-    # Register the webhook the way an operator does.
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "hook",
-            "--config",
-            str(config),
-            "--url",
-            f"{service.url}/webhook",
-        ],
-        env=service.env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    yield {"project": project, "service": service, "config": config}
-    if service.process and service.process.poll() is None:
-        service.process.kill()
-        service.process.wait()
-
-
-def wait_for_predictions(
-    ls_client: MakeClient, project: int, expected: int, timeout: float = 90
-) -> list[Task]:
-    deadline = time.monotonic() + timeout
-    while True:
-        tasks = tasks_of(ls_client, project)
-        if sum(1 for t in tasks if t.total_predictions) >= expected or time.monotonic() > deadline:
-            return tasks
-        time.sleep(0.5)
-
-
-def assert_correct(tasks: list[Task], pictures: dict[str, np.ndarray], annotated: set[int]) -> None:
-    from service.naming import image_file_name
-
-    for task in tasks:
-        predictions = task.predictions or ()
-        if task.id in annotated:
-            assert predictions == (), f"annotated task {task.id} got a prediction"
-            continue
-        assert len(predictions) == 1, f"task {task.id} has {len(predictions)} predictions"
-        (prediction,) = predictions
-        assert prediction.model_version == "svc-v1"
-        image = pictures[image_file_name(task.data["image"])]
-        decoded = dict(decode_result(r) for r in prediction.result)
-        np.testing.assert_array_equal(decoded["label_a"] > 0, image[..., 0] > 127)
-        np.testing.assert_array_equal(decoded["label_b"] > 0, image[..., 1] > 127)
-
-
-def upload(
-    ls_client: MakeClient, project: int, names: list[str], commit: bool = True
-) -> dict[str, np.ndarray]:
-    files, pictures = [], {}
-    for name in names:
-        data, pixels = picture(int(name.split("_")[1].split(".")[0]))
-        files.append((name, data))
-        pictures[name] = pixels
-
-    async def run() -> None:
-        async with ls_client() as ls:
-            ids = await ls.upload_files(project, files, commit=commit)
-            if not commit:
-                await ls.reimport(project, ids)
-
-    asyncio.run(run())
-    return pictures
+) -> Iterator[ServiceEnv]:
+    env = make_env(tmp_path, label_studio, ls_client, colour_model(channels=2))
+    yield env
+    env.service.kill()
 
 
 def test_api_and_ui_imports_get_exactly_one_correct_prediction_each(
-    env: dict[str, object], ls_client: MakeClient
+    env: ServiceEnv, ls_client: MakeClient
 ) -> None:
-    service, project = env["service"], env["project"]
-    assert isinstance(service, ServiceProcess) and isinstance(project, int)
+    service, project = env.service, env.project
     service.start()
     pictures = upload(ls_client, project, [f"img_{i}.png" for i in range(6)])
     # The web UI's two steps: the webhook fires inside the import transaction.
@@ -242,10 +98,9 @@ def test_api_and_ui_imports_get_exactly_one_correct_prediction_each(
 
 
 def test_reconcile_covers_imports_while_the_service_was_down(
-    env: dict[str, object], ls_client: MakeClient
+    env: ServiceEnv, ls_client: MakeClient
 ) -> None:
-    service, project = env["service"], env["project"]
-    assert isinstance(service, ServiceProcess) and isinstance(project, int)
+    service, project = env.service, env.project
     # Imported while nothing listens: Label Studio's webhooks are lost for good.
     pictures = upload(ls_client, project, [f"img_{i}.png" for i in range(5)])
     service.start()
@@ -255,10 +110,9 @@ def test_reconcile_covers_imports_while_the_service_was_down(
 
 
 def test_sigkill_in_a_burst_then_restart_loses_and_duplicates_nothing(
-    env: dict[str, object], ls_client: MakeClient
+    env: ServiceEnv, ls_client: MakeClient
 ) -> None:
-    service, project = env["service"], env["project"]
-    assert isinstance(service, ServiceProcess) and isinstance(project, int)
+    service, project = env.service, env.project
     service.start()
     pictures = upload(ls_client, project, [f"img_{i}.png" for i in range(40)])
     # Kill as soon as the first predictions land: the rest are queued or in flight.
@@ -271,27 +125,16 @@ def test_sigkill_in_a_burst_then_restart_loses_and_duplicates_nothing(
     service.start()
     tasks = wait_for_predictions(ls_client, project, 40)
     assert_correct(tasks, pictures, set())
-    status = subprocess.run(
-        [sys.executable, "-m", "service.cli", "status", "--config", str(env["config"])],
-        env=service.env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert status.returncode == 0, status.stderr
-    counts = dict(item.split(" ") for item in status.stdout.splitlines()[0][6:].split(", "))
+    counts, text = service.status()
     # A job killed after its POST but before being marked done ends "skipped: exists" on the
     # restart: still exactly one prediction, as assert_correct checked.
-    assert counts["queued"] == counts["running"] == counts["failed"] == "0", status.stdout
-    assert int(counts["done"]) + int(counts["skipped"]) == 40, status.stdout
+    assert counts["queued"] == counts["running"] == counts["failed"] == 0, text
+    assert counts["done"] + counts["skipped"] == 40, text
     assert service.stop() == 0
 
 
-def test_sigterm_exits_zero_with_work_in_flight(
-    env: dict[str, object], ls_client: MakeClient
-) -> None:
-    service, project = env["service"], env["project"]
-    assert isinstance(service, ServiceProcess) and isinstance(project, int)
+def test_sigterm_exits_zero_with_work_in_flight(env: ServiceEnv, ls_client: MakeClient) -> None:
+    service, project = env.service, env.project
     service.start()
     pictures = upload(ls_client, project, [f"img_{i}.png" for i in range(20)])
     assert service.stop(signal.SIGTERM) == 0
@@ -302,12 +145,11 @@ def test_sigterm_exits_zero_with_work_in_flight(
 
 
 def test_backfill_predicts_existing_tasks_and_reports_failures(
-    env: dict[str, object], ls_client: MakeClient, capsys: pytest.CaptureFixture[str]
+    env: ServiceEnv, ls_client: MakeClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from service.cli import main
 
-    service, project, config = env["service"], env["project"], env["config"]
-    assert isinstance(service, ServiceProcess) and isinstance(project, int)
+    service, project, config = env.service, env.project, env.config
     pictures = upload(ls_client, project, [f"img_{i}.png" for i in range(3)])
     black = io.BytesIO()
     Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(black, format="PNG")

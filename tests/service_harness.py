@@ -1,0 +1,211 @@
+"""Running ``ls-autoseg serve`` against the session's real Label Studio, for the service and
+fault tests: the service process, its config, pictures whose right masks are known (an exact
+fake model: red -> label_a, green -> label_b), and checks of what Label Studio holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import yaml
+from conftest import model_section
+from ls_fixtures import new_brush_project, tasks_of
+from PIL import Image
+
+from service import lsserver
+from service.config import ModelConfig
+from service.labelstudio import LabelStudioClient, Task
+from service.results import decode_result
+
+MakeClient = Callable[..., LabelStudioClient]
+SECRET = "test-webhook-secret-4f1c"
+
+
+def picture(seed: int) -> tuple[bytes, np.ndarray]:
+    """A PNG with a red block and a green band; returns the bytes and the RGB pixels."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((40 + seed % 7, 56 + seed % 5, 3), dtype=np.uint8)
+    y, x = int(rng.integers(0, 20)), int(rng.integers(0, 30))
+    image[y : y + 12, x : x + 18, 0] = 255
+    image[3 : 9 + seed % 4, 20:50, 1] = 255
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue(), image
+
+
+class ServiceProcess:
+    """``ls-autoseg serve`` in a subprocess, as an operator runs it."""
+
+    def __init__(self, config: Path, port: int, log: Path, token: str) -> None:
+        self.config = config
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.env = {**os.environ, "LABEL_STUDIO_TOKEN": token, "LS_AUTOSEG_WEBHOOK_SECRET": SECRET}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve", "--config", str(self.config)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"service not ready:\n{self.log.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=60)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Another ``ls-autoseg`` command on the same config and environment."""
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", *args, "--config", str(self.config)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    def status(self) -> tuple[dict[str, int], str]:
+        """``ls-autoseg status``: the job counts, and its whole output."""
+        done = self.cli("status")
+        assert done.returncode == 0, done.stderr
+        first = done.stdout.splitlines()[0].removeprefix("jobs: ")
+        counts = {k: int(v) for k, v in (item.split(" ") for item in first.split(", "))}
+        return counts, done.stdout
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"{self.url}{path}", timeout=10)
+
+    def webhook(self, body: object, secret: str | None = SECRET) -> httpx.Response:
+        headers = {"X-Webhook-Secret": secret} if secret is not None else {}
+        return httpx.post(f"{self.url}/webhook", json=body, headers=headers, timeout=10)
+
+
+def wait_for_predictions(
+    ls_client: MakeClient, project: int, expected: int, timeout: float = 90
+) -> list[Task]:
+    deadline = time.monotonic() + timeout
+    while True:
+        tasks = tasks_of(ls_client, project)
+        if sum(1 for t in tasks if t.total_predictions) >= expected or time.monotonic() > deadline:
+            return tasks
+        time.sleep(0.5)
+
+
+def assert_correct(tasks: list[Task], pictures: dict[str, np.ndarray], annotated: set[int]) -> None:
+    from service.naming import image_file_name
+
+    for task in tasks:
+        predictions = task.predictions or ()
+        if task.id in annotated:
+            assert predictions == (), f"annotated task {task.id} got a prediction"
+            continue
+        assert len(predictions) == 1, f"task {task.id} has {len(predictions)} predictions"
+        (prediction,) = predictions
+        assert prediction.model_version == "svc-v1"
+        image = pictures[image_file_name(task.data["image"])]
+        decoded = dict(decode_result(r) for r in prediction.result)
+        np.testing.assert_array_equal(decoded["label_a"] > 0, image[..., 0] > 127)
+        np.testing.assert_array_equal(decoded["label_b"] > 0, image[..., 1] > 127)
+
+
+def upload(
+    ls_client: MakeClient, project: int, names: list[str], commit: bool = True
+) -> dict[str, np.ndarray]:
+    files, pictures = [], {}
+    for name in names:
+        data, pixels = picture(int(name.split("_")[1].split(".")[0]))
+        files.append((name, data))
+        pictures[name] = pixels
+
+    async def run() -> None:
+        async with ls_client() as ls:
+            ids = await ls.upload_files(project, files, commit=commit)
+            if not commit:
+                await ls.reimport(project, ids)
+
+    asyncio.run(run())
+    return pictures
+
+
+@dataclass
+class ServiceEnv:
+    project: int
+    service: ServiceProcess
+    config: Path
+
+
+def make_env(
+    tmp_path: Path,
+    local_ls: lsserver.LocalLabelStudio,
+    ls_client: MakeClient,
+    model: ModelConfig,
+    *,
+    via: str | None = None,
+    **sections: Any,
+) -> ServiceEnv:
+    """A fresh project, a config for ``serve`` (Label Studio at ``via`` if given, e.g. a fault
+    proxy; ``sections`` are merged into the config's sections) and the webhook registered."""
+
+    async def make_project() -> int:
+        async with ls_client() as ls:
+            return (await new_brush_project(ls)).id
+
+    project = asyncio.run(make_project())
+    port = lsserver.free_port()
+    config = tmp_path / "config.yaml"
+    settings: dict[str, Any] = {
+        "label_studio": {"url": via or local_ls.url, "token": "${LABEL_STUDIO_TOKEN}"},
+        "model": model_section(model, labels=["red", "green"], batch_size=4),
+        "prediction": {"model_version": "svc-v1", "min_pixels": 0},
+        "projects": [{"id": project, "label_map": {"red": "label_a", "green": "label_b"}}],
+        "server": {
+            "host": "127.0.0.1",
+            "port": port,
+            "webhook_secret": "${LS_AUTOSEG_WEBHOOK_SECRET}",
+        },
+        "state_dir": str(tmp_path / "state"),
+        "reconcile": {"on_startup": True, "interval_s": 3600},
+    }
+    for key, value in sections.items():
+        current = settings.get(key)
+        merge = isinstance(current, dict) and isinstance(value, dict)
+        settings[key] = {**current, **value} if merge else value  # type: ignore[dict-item]
+    config.write_text(yaml.safe_dump(settings))
+    service = ServiceProcess(config, port, tmp_path / "service.log", local_ls.legacy_token)
+    # Register the webhook the way an operator does.
+    done = service.cli("hook", "--url", f"{service.url}/webhook")
+    assert done.returncode == 0, done.stderr
+    return ServiceEnv(project, service, config)
