@@ -13,7 +13,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -37,21 +37,25 @@ QUEUE_FILE = "jobs.sqlite3"
 MAX_ATTEMPTS = 8
 ENQUEUE_CHUNK = 1000
 READY_PROBE_TIMEOUT_S = 5.0
-# Tasks nobody has annotated, skipped or predicted: what a missed webhook leaves behind.
-UNTOUCHED_QUERY: Mapping[str, Any] = {
-    "filters": {
-        "conjunction": "and",
-        "items": [
-            {
-                "filter": f"filter:tasks:{column}",
-                "operator": "equal",
-                "type": "Number",
-                "value": 0,
-            }
-            for column in ("total_annotations", "cancelled_annotations", "total_predictions")
-        ],
+
+
+def untouched_query(model_version: str) -> dict[str, Any]:
+    """Data Manager filter: tasks nobody annotated or skipped and without a prediction of
+    ``model_version`` (what a missed webhook leaves behind); predictions of other versions do
+    not count. Label Studio compares versions as substrings: a task whose only predictions
+    are of "v1-old" is taken as predicted by "v1" and not reconciled (the worker's own check
+    is exact, so this can miss a task, never duplicate one)."""
+    counts = [
+        {"filter": f"filter:tasks:{column}", "operator": "equal", "type": "Number", "value": 0}
+        for column in ("total_annotations", "cancelled_annotations")
+    ]
+    version = {
+        "filter": "filter:tasks:predictions_model_versions",
+        "operator": "not_contains",
+        "type": "List",
+        "value": [model_version],
     }
-}
+    return {"filters": {"conjunction": "and", "items": [*counts, version]}}
 
 
 def open_queue(config: Config) -> SQLiteJobQueue:
@@ -93,10 +97,11 @@ async def check_projects(
 async def reconcile(
     client: LabelStudioClient, queue: JobQueue, project: int, model_version: str
 ) -> int:
-    """Queue every untouched task of the project; returns how many were new to the queue."""
+    """Queue every task of the project that no person touched and this model_version did
+    not predict; returns how many were new to the queue."""
     new = 0
     batch: list[int] = []
-    async for task in client.iter_tasks(project, query=UNTOUCHED_QUERY):
+    async for task in client.iter_tasks(project, query=untouched_query(model_version)):
         batch.append(task.id)
         if len(batch) >= ENQUEUE_CHUNK:
             new += await asyncio.to_thread(queue.enqueue, project, batch, model_version)

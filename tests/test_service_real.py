@@ -8,6 +8,7 @@ is decoded and compared with the mask the image must give (tests/service_harness
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from ls_fixtures import tasks_of
+from ls_fixtures import brush_result, tasks_of
 from PIL import Image
 from service_harness import (
     SECRET,
@@ -32,6 +33,8 @@ from service_harness import (
 
 from service import lsserver
 from service.config import ModelConfig
+from service.labelstudio import PredictionIn
+from service.server import untouched_query
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 
@@ -103,10 +106,38 @@ def test_reconcile_covers_imports_while_the_service_was_down(
     service, project = env.service, env.project
     # Imported while nothing listens: Label Studio's webhooks are lost for good.
     pictures = upload(ls_client, project, [f"img_{i}.png" for i in range(5)])
+
+    # One task already holds another model's prediction: it still needs one of ours.
+    async def other_model() -> int:
+        async with ls_client() as ls:
+            first = min([t.id async for t in ls.iter_tasks(project)])
+            await ls.create_prediction(PredictionIn(first, brush_result(), 0.5, "other-v0"))
+            return first
+
+    other = asyncio.run(other_model())
     service.start()
-    tasks = wait_for_predictions(ls_client, project, 5)
-    assert_correct(tasks, pictures, set())
+    deadline = time.monotonic() + 90
+    while True:
+        tasks = tasks_of(ls_client, project)
+        ours = [t for t in tasks if any(p.model_version == "svc-v1" for p in t.predictions or ())]
+        if len(ours) == 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    (mixed,) = [t for t in tasks if t.id == other]
+    assert sorted(p.model_version for p in mixed.predictions or ()) == ["other-v0", "svc-v1"]
+    mixed = dataclasses.replace(
+        mixed, predictions=tuple(p for p in mixed.predictions or () if p.model_version == "svc-v1")
+    )
+    assert_correct([mixed, *(t for t in tasks if t.id != other)], pictures, set())
     assert service.stop() == 0
+
+    # The filter itself: by version, exactly (the worker's check never saw these).
+    async def untouched(version: str) -> set[int]:
+        async with ls_client() as ls:
+            return {t.id async for t in ls.iter_tasks(project, query=untouched_query(version))}
+
+    assert asyncio.run(untouched("svc-v1")) == set()
+    assert asyncio.run(untouched("other-v0")) == {t.id for t in tasks} - {other}
 
 
 def test_sigkill_in_a_burst_then_restart_loses_and_duplicates_nothing(
