@@ -31,9 +31,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -109,6 +109,7 @@ class Worker:
         # the model and posts all busy, few enough that a crash re-queues little.
         self._capacity = settings.concurrency * 2 + model.config.batch_size * 2
         self.busy = 0
+        self._freed = asyncio.Event()  # set when a held job is settled: room to claim
         self._ready: asyncio.Queue[_Prepared] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._io = asyncio.Semaphore(settings.concurrency)
@@ -154,7 +155,12 @@ class Worker:
                 await self._probe(stop)
                 continue
             free = self._capacity - self.busy
-            jobs = await asyncio.to_thread(self.queue.claim, free) if free > 0 else []
+            if free <= 0:
+                # Full: wait for a held job to settle (not for the queue: it has work due).
+                self._freed.clear()
+                await _first(self._freed.wait(), stop.wait())
+                continue
+            jobs = await asyncio.to_thread(self.queue.claim, free)
             for job in jobs:
                 self.busy += 1
                 self._spawn(self._prepare(job))
@@ -227,6 +233,10 @@ class Worker:
         if self.metrics:
             self.metrics.outage(False)
 
+    def _settled_one(self) -> None:
+        self.busy -= 1
+        self._freed.set()
+
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
@@ -249,7 +259,7 @@ class Worker:
         while not self._ready.empty():
             item = self._ready.get_nowait()
             await self._release(item.job)
-            self.busy -= 1
+            self._settled_one()
 
     # ------------------------------------------------------------------ stages
 
@@ -276,7 +286,7 @@ class Worker:
             await self._settle(job, exc, started)
         finally:
             if not handed_over:
-                self.busy -= 1
+                self._settled_one()
 
     async def _task(self, job: Job) -> Task:
         """Re-read the task; skip it if a person annotated it or this version predicted it."""
@@ -318,7 +328,7 @@ class Worker:
             except asyncio.CancelledError:
                 for item in batch:
                     await self._release(item.job)
-                    self.busy -= 1
+                    self._settled_one()
                 raise
             finally:
                 self._batch = []
@@ -353,7 +363,7 @@ class Worker:
         except BaseException as exc:
             await self._settle(job, exc, item.started)
         finally:
-            self.busy -= 1
+            self._settled_one()
 
     def _target(self, job: Job) -> BrushTarget:
         target = self.targets.get(job.project)
@@ -412,6 +422,16 @@ class Worker:
     async def _release(self, job: Job, reason: str | None = None) -> None:
         with contextlib.suppress(Exception):
             await asyncio.shield(asyncio.to_thread(self.queue.release, job.id, reason))
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of ``waits`` finishes; cancel the others."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class _Permanent(Exception):

@@ -331,3 +331,60 @@ def test_backfill_gives_up_on_a_long_outage_and_keeps_the_jobs(
     asyncio.run(main())
     counts = queue.counts()
     assert counts[JobState.QUEUED] == 2 and counts[JobState.FAILED] == 0
+
+
+def test_a_full_worker_waits_for_a_free_slot_instead_of_polling_the_queue(
+    tmp_path: Path, colour_model: Callable[..., ModelConfig]
+) -> None:
+    """Jobs held up (posts not answered) fill the worker; the claim loop must then sleep."""
+    calls = {"claim": 0, "next_due": 0}
+
+    class CountingQueue(SQLiteJobQueue):
+        def claim(self, limit: int) -> list[Any]:
+            calls["claim"] += 1
+            return super().claim(limit)
+
+        def next_due(self) -> float | None:
+            calls["next_due"] += 1
+            return super().next_due()
+
+    fake = FakeLabelStudio(tasks=list(range(1, 41)))
+    model = SegmentationModel.load(colour_model(channels=1, batch_size=2))
+    target = BrushTarget(PROJECT, "tag", "image", "image", {"red": "label_a"})
+
+    async def main() -> None:
+        posts_may_answer = asyncio.Event()
+
+        async def handler(request: httpx.Request) -> httpx.Response:
+            if request.method == "POST":
+                await posts_may_answer.wait()
+            return fake.handler(request)
+
+        with CountingQueue(tmp_path / "jobs.sqlite3") as queue:
+            async with LabelStudioClient(
+                "http://ls.test",
+                "0123456789abcdef0123456789abcdef01234567",
+                transport=httpx.MockTransport(handler),
+            ) as client:
+                worker = Worker(
+                    queue,
+                    client,
+                    model,
+                    {PROJECT: target},
+                    WorkerSettings(PredictionConfig(min_pixels=0), concurrency=2),
+                )
+                queue.enqueue(PROJECT, fake.tasks, "v1")
+                stop = asyncio.Event()
+                runner = asyncio.create_task(worker.run(stop))
+                await until(lambda: worker.busy == worker._capacity)
+                before = dict(calls)
+                await asyncio.sleep(0.5)
+                assert calls["claim"] - before["claim"] <= 1
+                assert calls["next_due"] - before["next_due"] <= 1
+                posts_may_answer.set()
+                await until(lambda: queue.pending() == 0 and worker.busy == 0)
+                stop.set()
+                await runner
+
+    asyncio.run(main())
+    assert len(fake.predictions) == 40
