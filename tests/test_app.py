@@ -708,3 +708,36 @@ def test_no_secret_or_payload_in_logs_or_responses(
     for text in svc.responses:
         for secret in (SECRET, PROJECT_TOKEN, TASK_PASSWORD, IMAGE_URL):
             assert secret not in text
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": [{"id": 1}, {"id": 2}]},
+        {"action": "TASKS_CREATED", "project": {"id": 3, "title": "x"}, "tasks": []},
+        {"action": "TASKS_CREATED", "project": {"id": 3}},
+        {"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": [{"id": 5, "data": {}}]},
+        {"action": "TASKS_CREATED", "project": 3, "tasks": [{"id": 5}]},
+        {"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": [{"id": 0}]},
+        {"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": [{"id": True}]},
+        {"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": [{"id": "7"}]},
+        {"action": "TASKS_CREATED", "project": None, "tasks": [{"id": 1}]},
+        {"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": None},
+        {"action": "ANNOTATION_CREATED", "project": {"id": 3}},
+        {"action": "", "project": {"id": 3}},
+    ],
+)
+def test_fast_decoding_gives_the_same_event_or_error_as_json_loads(body: object) -> None:
+    """The msgspec path must accept and refuse exactly what the json.loads path does."""
+    from service.app import BadWebhook, _decode_slow, decode_event
+
+    raw = json.dumps(body).encode()
+    try:
+        expected: object = _decode_slow(raw)
+    except BadWebhook as exc:
+        expected = ("error", str(exc))
+    try:
+        got: object = decode_event(raw)
+    except BadWebhook as exc:
+        got = ("error", str(exc))
+    assert got == expected
