@@ -388,34 +388,54 @@ class LabelStudioClient:
         ``fields_all`` adds full annotation/prediction lists (heavier pages); ``query`` is a
         Data Manager query, e.g. ``{"filters": {"conjunction": "and", "items": [...]}}``.
         """
+        page, seen = 1, 0
+        while True:
+            tasks, total = await self.task_page(
+                project_id, page=page, page_size=page_size, fields_all=fields_all, query=query
+            )
+            if tasks is None:
+                return  # tasks were deleted while paging: the end came early
+            for task in tasks:
+                yield task
+            seen += len(tasks)
+            if not tasks or (total is not None and seen >= total):
+                return
+            page += 1
+
+    async def task_page(
+        self,
+        project_id: int,
+        *,
+        page: int = 1,
+        page_size: int = 100,
+        fields_all: bool = False,
+        query: Mapping[str, Any] | None = None,
+    ) -> tuple[list[Task] | None, int | None]:
+        """One page of the task list and the total if Label Studio gave it; ``None`` for a
+        page past the end (Label Studio answers 404 "Invalid page.")."""
         url = self._url("/api/tasks/")
-        params: dict[str, str | int] = {"project": int(project_id), "page_size": int(page_size)}
+        params: dict[str, str | int] = {
+            "project": int(project_id),
+            "page_size": int(page_size),
+            "page": int(page),
+        }
         if fields_all:
             params["fields"] = "all"
         if query is not None:
             params["query"] = json.dumps(query, separators=(",", ":"))
-        page, seen = 1, 0
-        while True:
-            response = await self._send(
-                "GET", url, params={**params, "page": page}, allow=frozenset({404})
-            )
-            if response.status_code == 404:
-                if page > 1 and _error_detail(response) == "Invalid page.":
-                    return  # tasks were deleted while paging: the end came early
-                raise self._error("GET", url, response)
-            body = _json(response)
-            if isinstance(body, list):
-                raw_tasks, total = body, None
-            else:
-                listing = _object(body, "task list")
-                raw_tasks = _list(listing.get("tasks"), "tasks")
-                total = _opt_int(listing, "total")
-            for raw in raw_tasks:
-                yield _parse_task(raw)
-            seen += len(raw_tasks)
-            if not raw_tasks or (total is not None and seen >= total):
-                return
-            page += 1
+        response = await self._send("GET", url, params=params, allow=frozenset({404}))
+        if response.status_code == 404:
+            if page > 1 and _error_detail(response) == "Invalid page.":
+                return None, None
+            raise self._error("GET", url, response)
+        body = _json(response)
+        if isinstance(body, list):
+            raw_tasks, total = body, None
+        else:
+            listing = _object(body, "task list")
+            raw_tasks = _list(listing.get("tasks"), "tasks")
+            total = _opt_int(listing, "total")
+        return [_parse_task(raw) for raw in raw_tasks], total
 
     async def get_task(self, task_id: int) -> Task:
         """One task with its annotations and predictions."""

@@ -39,23 +39,29 @@ ENQUEUE_CHUNK = 1000
 READY_PROBE_TIMEOUT_S = 5.0
 
 
-def untouched_query(model_version: str) -> dict[str, Any]:
-    """Data Manager filter: tasks nobody annotated or skipped and without a prediction of
-    ``model_version`` (what a missed webhook leaves behind); predictions of other versions do
-    not count. Label Studio compares versions as substrings: a task whose only predictions
-    are of "v1-old" is taken as predicted by "v1" and not reconciled (the worker's own check
-    is exact, so this can miss a task, never duplicate one)."""
-    counts = [
+def untouched_query(model_version: str, after_id: int = 0) -> dict[str, Any]:
+    """Data Manager query: tasks with an id over ``after_id``, in id order, that nobody
+    annotated or skipped and without a prediction of ``model_version`` (what a missed webhook
+    leaves behind); predictions of other versions do not count. Label Studio compares
+    versions as substrings: a task whose only predictions are of "v1-old" is taken as
+    predicted by "v1" and not reconciled (the worker's own check is exact, so this can miss
+    a task, never duplicate one)."""
+    items: list[dict[str, Any]] = [
         {"filter": f"filter:tasks:{column}", "operator": "equal", "type": "Number", "value": 0}
         for column in ("total_annotations", "cancelled_annotations")
     ]
-    version = {
-        "filter": "filter:tasks:predictions_model_versions",
-        "operator": "not_contains",
-        "type": "List",
-        "value": [model_version],
-    }
-    return {"filters": {"conjunction": "and", "items": [*counts, version]}}
+    items.append(
+        {
+            "filter": "filter:tasks:predictions_model_versions",
+            "operator": "not_contains",
+            "type": "List",
+            "value": [model_version],
+        }
+    )
+    items.append(
+        {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": after_id}
+    )
+    return {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]}
 
 
 def open_queue(config: Config) -> SQLiteJobQueue:
@@ -95,19 +101,31 @@ async def check_projects(
 
 
 async def reconcile(
-    client: LabelStudioClient, queue: JobQueue, project: int, model_version: str
+    client: LabelStudioClient,
+    queue: JobQueue,
+    project: int,
+    model_version: str,
+    *,
+    page_size: int = ENQUEUE_CHUNK,
 ) -> int:
     """Queue every task of the project that no person touched and this model_version did
-    not predict; returns how many were new to the queue."""
-    new = 0
-    batch: list[int] = []
-    async for task in client.iter_tasks(project, query=untouched_query(model_version)):
-        batch.append(task.id)
-        if len(batch) >= ENQUEUE_CHUNK:
-            new += await asyncio.to_thread(queue.enqueue, project, batch, model_version)
-            batch = []
-    if batch:
-        new += await asyncio.to_thread(queue.enqueue, project, batch, model_version)
+    not predict; returns how many were new to the queue.
+
+    Pages by id (always the first page of "id > the last one seen"), not by page number:
+    the worker predicts queued tasks meanwhile, they leave the filter, and numbered pages
+    would shift over tasks never seen."""
+    new, after = 0, 0
+    while True:
+        tasks, _ = await client.task_page(
+            project, page_size=page_size, query=untouched_query(model_version, after)
+        )
+        if not tasks:
+            break
+        ids = [task.id for task in tasks]
+        new += await asyncio.to_thread(queue.enqueue, project, ids, model_version)
+        after = max(ids)
+        if len(ids) < page_size:
+            break
     log.info("project %s: reconcile queued %d new job(s)", project, new)
     return new
 
