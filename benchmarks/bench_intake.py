@@ -1,0 +1,441 @@
+"""Webhook intake under load: latency of acknowledging 5000-task TASKS_CREATED bodies.
+
+Run from the repository root (no Label Studio needed; about a minute with the defaults):
+
+    .venv/bin/python benchmarks/bench_intake.py [--senders 8] [--bodies 320] [--tasks 5000]
+
+What runs: the service's real web app (``service.app.create_app``) with its real job queue
+(``SQLiteJobQueue`` from ``service.server.open_queue``: WAL, ``synchronous=FULL``) in a
+temporary ``state_dir``, built from a config file written the way an operator writes one
+(``config.yaml`` of this repository with the project, server and state_dir replaced) and served
+by uvicorn in a subprocess on 127.0.0.1 with the same uvicorn settings as ``ls-autoseg serve``
+(``service.server.make_server``) and the CLI's INFO logging (to a file). The only stand-in is
+the service side of the app: its ``wake()`` does nothing and no worker consumes the jobs, so
+the queue only grows (the worst case for the queue's indexes).
+
+What is measured: bodies shaped like Label Studio 1.23's (every Task field, plus the
+serialized project; Label Studio sends at most ``WEBHOOK_BATCH_SIZE`` = 5000 tasks per body),
+each with ``--tasks`` task ids distinct across all bodies, so each really inserts that many
+rows. The bodies are built before timing starts. First ``--solo`` bodies are sent one at a
+time (the latency of one body on an idle server), then ``--bodies`` bodies by ``--senders``
+concurrent senders (threads, each sending its next body as soon as the last is answered, one
+connection per request as Label Studio makes them), with the ``X-Webhook-Secret`` header.
+Latency is measured client side, from before the request is sent to the end of the response.
+Printed: the machine (CPU model from /proc/cpuinfo, cores this process may use, load average,
+the file system of the state folder), p50, p95, p99 and max latency, bodies/s and task
+rows/s, the p50 of the first and of the last tenth of the bodies (does enqueue slow down as
+the table grows?), then the durability check: the server is killed with SIGKILL (no graceful
+shutdown, so only what was committed survives), the SQLite file is opened afresh and must hold
+exactly one queued job per task id sent, and every answer must have said ``queued: --tasks``.
+The last line is the ratio p99 / 250 ms target (below 1.00 meets the target; lower is better).
+Exit code 0 when the target is met and the durability check passes, 1 otherwise.
+
+The client runs on the same machine as the server and takes CPU from it: on a small machine
+(this project's has 2 shared cores) the figures are pessimistic and move with other load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from machine import cpu_model, cpu_seconds, wait_http  # noqa: E402
+
+TARGET_P99_MS = 250.0
+SECRET = "bench-intake-secret-7b1e"
+PROJECT = 1
+# Label Studio's own limits, for the reader: at most 5000 tasks per TASKS_CREATED body
+# (WEBHOOK_BATCH_SIZE) and a 1 s timeout (WEBHOOK_TIMEOUT), never retried.
+LS_TIMEOUT_S = 1.0
+
+
+# --------------------------------------------------------------------------- server side
+
+
+class _IdleHooks:
+    """The service side of the app with no worker behind it: jobs only pile up."""
+
+    def wake(self) -> None:
+        pass
+
+    def request_reconcile(self, project: int | None) -> None:
+        pass
+
+    async def readiness(self) -> Any:
+        from service.app import Readiness
+
+        return Readiness(True, {"model": "not loaded (benchmark)"})
+
+
+def write_config(folder: Path, port: int) -> Path:
+    """The repository's config.yaml with this run's project, server and state_dir."""
+    doc = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
+    doc["model"]["path"] = str(REPO / doc["model"]["path"])
+    doc["label_studio"]["url"] = "http://127.0.0.1:9"  # never called: no worker
+    doc["projects"] = [{"id": PROJECT}]
+    doc["server"] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "webhook_secret": "${LS_AUTOSEG_WEBHOOK_SECRET}",
+    }
+    doc["state_dir"] = str(folder / "state")
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def serve(config_path: Path) -> None:
+    """The subprocess: the production app and queue under uvicorn, as ``serve`` runs them."""
+    import logging
+
+    import uvicorn
+
+    from service.app import WebhookSettings, create_app
+    from service.config import load_config
+    from service.metrics import Metrics
+    from service.server import open_queue
+
+    logging.basicConfig(  # as service.cli does
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = load_config(config_path)
+    queue = open_queue(config)
+    metrics = Metrics(queue)
+    app = create_app(WebhookSettings.from_config(config), queue, _IdleHooks(), metrics)
+    server = uvicorn.Server(
+        uvicorn.Config(  # the settings of service.server.make_server
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+        )
+    )
+    server.run()
+
+
+# --------------------------------------------------------------------------- client side
+
+
+def make_body(project: dict[str, Any], first_id: int, count: int) -> bytes:
+    """A TASKS_CREATED body as Label Studio 1.23 serializes it (all Task fields)."""
+    stamp = "2026-11-24T10:15:30.123456Z"
+    tasks = [
+        {
+            "id": task_id,
+            "data": {"image": f"/data/upload/{PROJECT}/{task_id:08x}-img_{task_id}.jpg"},
+            "meta": {},
+            "created_at": stamp,
+            "updated_at": stamp,
+            "is_labeled": False,
+            "allow_skip": True,
+            "overlap": 1,
+            "inner_id": task_id,
+            "total_annotations": 0,
+            "cancelled_annotations": 0,
+            "total_predictions": 0,
+            "precomputed_agreement": None,
+            "comment_count": 0,
+            "unresolved_comment_count": 0,
+            "last_comment_updated_at": None,
+            "project": PROJECT,
+            "updated_by": None,
+            "file_upload": task_id,
+            "comment_authors": [],
+        }
+        for task_id in range(first_id, first_id + count)
+    ]
+    return json.dumps({"action": "TASKS_CREATED", "tasks": tasks, "project": project}).encode()
+
+
+def project_payload() -> dict[str, Any]:
+    from service.quickstart import label_config
+    from service.synthetic import LABELS
+
+    return {
+        "id": PROJECT,
+        "title": "bench intake",
+        "description": "",
+        "label_config": label_config(LABELS),
+        "expert_instruction": "",
+        "show_instruction": False,
+        "show_skip_button": True,
+        "enable_empty_annotation": True,
+        "show_annotation_history": False,
+        "color": "#FFFFFF",
+        "maximum_annotations": 1,
+        "is_published": False,
+        "model_version": "",
+        "is_draft": False,
+        "created_at": "2026-11-24T10:00:00.000000Z",
+        "min_annotations_to_start_training": 0,
+        "show_collab_predictions": True,
+        "sampling": "Sequential sampling",
+        "show_ground_truth_first": False,
+        "show_overlap_first": False,
+        "overlap_cohort_percentage": 100,
+        "task_data_login": None,
+        "task_data_password": None,
+        "control_weights": {},
+        "evaluate_predictions_automatically": False,
+        "skip_queue": "REQUEUE_FOR_OTHERS",
+        "reveal_preannotations_interactively": False,
+        "pinned_at": None,
+        "organization": 1,
+        "created_by": 1,
+    }
+
+
+class Sender(threading.Thread):
+    """Sends bodies taken from a shared list until it is empty; records each answer."""
+
+    def __init__(
+        self, url: str, bodies: list[tuple[int, bytes]], lock: threading.Lock, out: list[Any]
+    ) -> None:
+        super().__init__(daemon=True)
+        self.url, self.bodies, self.lock, self.out = url, bodies, lock, out
+
+    def run(self) -> None:
+        headers = {"X-Webhook-Secret": SECRET, "Content-Type": "application/json"}
+        # No keep-alive: Label Studio posts each webhook on a new connection (requests.post).
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(timeout=60.0, limits=limits) as client:
+            while True:
+                with self.lock:
+                    if not self.bodies:
+                        return
+                    index, body = self.bodies.pop(0)
+                began = time.perf_counter()
+                try:
+                    response = client.post(self.url, content=body, headers=headers)
+                    status, text = response.status_code, response.text
+                except httpx.HTTPError as exc:
+                    status, text = 0, f"{type(exc).__name__}: {exc}"
+                elapsed = time.perf_counter() - began
+                with self.lock:
+                    self.out.append((index, elapsed, status, text))
+
+
+def send_all(url: str, bodies: list[tuple[int, bytes]], senders: int) -> tuple[list[Any], float]:
+    """Send with ``senders`` threads; returns the answers in send order and the wall time."""
+    lock = threading.Lock()
+    out: list[Any] = []
+    todo = list(bodies)
+    threads = [Sender(url, todo, lock, out) for _ in range(senders)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sorted(out), time.perf_counter() - began
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
+# --------------------------------------------------------------------------- machine facts
+
+
+def filesystem_of(path: Path) -> str:
+    """Type of the file system holding ``path`` (longest mount point of /proc/mounts)."""
+    best, kind = "", "unknown"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, mount, fs, *_ = line.split()
+            if str(path).startswith(mount) and len(mount) > len(best):
+                best, kind = mount, fs
+    except OSError:
+        pass
+    return f"{kind} (mounted on {best})" if best else kind
+
+
+def machine_line(state_dir: Path) -> str:
+    cores = len(os.sched_getaffinity(0))
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"machine: {cpu_model()}, {cores} core(s) usable (os.cpu_count {os.cpu_count()}), "
+        f"load average {load}; python {platform.python_version()}, SQLite "
+        f"{sqlite3.sqlite_version}; state_dir on {filesystem_of(state_dir)}"
+    )
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes of the machine have used since boot (from /proc/stat)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def summarize(name: str, answers: list[Any], wall_s: float, tasks: int) -> list[float]:
+    ms = [elapsed * 1000.0 for _, elapsed, _, _ in answers]
+    print(
+        f"{name}: {len(ms)} bodies of {tasks} tasks: p50 {percentile(ms, 50):.1f} ms, "
+        f"p95 {percentile(ms, 95):.1f} ms, p99 {percentile(ms, 99):.1f} ms, "
+        f"max {max(ms):.1f} ms, mean {statistics.fmean(ms):.1f} ms; "
+        f"{len(ms) / wall_s:.1f} bodies/s = {len(ms) * tasks / wall_s:,.0f} task rows/s "
+        f"({wall_s:.1f} s); over Label Studio's {LS_TIMEOUT_S:g} s timeout: "
+        f"{sum(1 for m in ms if m >= LS_TIMEOUT_S * 1000)}",
+        flush=True,
+    )
+    return ms
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--senders", type=int, default=8, help="concurrent senders (default 8)")
+    parser.add_argument(
+        "--bodies", type=int, default=320, help="bodies sent concurrently (default 320)"
+    )
+    parser.add_argument("--tasks", type=int, default=5000, help="task ids per body (default 5000)")
+    parser.add_argument(
+        "--solo", type=int, default=10, help="bodies sent one at a time first (default 10)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # the server subprocess
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return 0
+    if min(args.senders, args.bodies, args.tasks) < 1 or args.solo < 0:
+        parser.error("--senders, --bodies and --tasks must be >= 1, --solo >= 0")
+
+    from service.lsserver import free_port
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-intake-"))
+    port = free_port()
+    config = write_config(folder, port)
+    state_dir = folder / "state"
+    state_dir.mkdir()
+    print(machine_line(state_dir), flush=True)
+
+    total = args.solo + args.bodies
+    project = project_payload()
+    began = time.perf_counter()
+    bodies = [(i, make_body(project, 1 + i * args.tasks, args.tasks)) for i in range(total)]
+    size = len(bodies[0][1])
+    print(
+        f"built {total} bodies of {args.tasks} tasks ({size / 1e6:.2f} MB each) in "
+        f"{time.perf_counter() - began:.1f} s",
+        flush=True,
+    )
+
+    log = folder / "server.log"
+    env = {**os.environ, "LS_AUTOSEG_WEBHOOK_SECRET": SECRET, "LABEL_STUDIO_TOKEN": "unused"}
+    with log.open("wb") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--serve", str(config)],
+            cwd=REPO,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(server, f"{url}/health", log, 60, "server")
+        answers: list[Any] = []
+        if args.solo:
+            solo, wall = send_all(f"{url}/webhook", bodies[: args.solo], 1)
+            summarize("one at a time (idle server)", solo, wall, args.tasks)
+            answers += solo
+        cpu = cpu_seconds(server.pid), time.process_time(), machine_busy_seconds()
+        loaded, wall = send_all(f"{url}/webhook", bodies[args.solo :], args.senders)
+        server_s = cpu_seconds(server.pid) - cpu[0]
+        client_s = time.process_time() - cpu[1]
+        other_s = machine_busy_seconds() - cpu[2] - server_s - client_s
+        answers += loaded
+        ms = summarize(f"{args.senders} concurrent senders", loaded, wall, args.tasks)
+        print(
+            f"CPU in that phase ({wall:.1f} s x {len(os.sched_getaffinity(0))} cores): server "
+            f"{server_s:.1f} s ({1000 * server_s / len(loaded):.1f} ms a body), client "
+            f"{client_s:.1f} s ({1000 * client_s / len(loaded):.1f} ms a body), other processes"
+            f" {max(other_s, 0.0):.1f} s",
+            flush=True,
+        )
+        tenth = max(1, len(ms) // 10)
+        print(
+            f"growth: p50 of the first {tenth} concurrent bodies "
+            f"{statistics.median(ms[:tenth]):.1f} ms, of the last {tenth} "
+            f"{statistics.median(ms[-tenth:]):.1f} ms (queue from "
+            f"{args.solo * args.tasks:,} to {total * args.tasks:,} rows)",
+            flush=True,
+        )
+    finally:
+        server.send_signal(signal.SIGKILL)  # no graceful shutdown: only commits survive
+        server.wait()
+        del bodies
+
+    bad = [(i, status, text[:200]) for i, _, status, text in answers if status != 200]
+    wrong = [
+        (i, text[:200])
+        for i, _, status, text in answers
+        if status == 200 and json.loads(text) != {"queued": args.tasks, "duplicates": 0}
+    ]
+    with sqlite3.connect(state_dir / "jobs.sqlite3") as conn:
+        rows, distinct, queued, low, high = conn.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT task), SUM(state = 'queued'), MIN(task), MAX(task)"
+            " FROM jobs WHERE project = ?",
+            (PROJECT,),
+        ).fetchone()
+    conn.close()
+    expected = total * args.tasks
+    durable = (
+        not bad
+        and not wrong
+        and rows == distinct == queued == expected
+        and (low, high) == (1, expected)
+    )
+    print(
+        f"durability (server SIGKILLed, SQLite file reopened): {rows:,} jobs, {distinct:,} "
+        f"distinct tasks, {queued:,} queued, ids {low}..{high}; expected {expected:,}: "
+        f"{'OK' if durable else 'MISMATCH'}; non-200 answers {len(bad)}, answers not "
+        f"'queued: {args.tasks}' {len(wrong)}",
+        flush=True,
+    )
+    for item in (bad + wrong)[:5]:
+        print(f"  {item}")
+    if args.keep:
+        print(f"kept {folder} (server log: {log})")
+    else:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+    p99 = percentile(ms, 99)
+    ratio = p99 / TARGET_P99_MS
+    verdict = "PASS" if ratio < 1.0 else "FAIL"
+    print(
+        f"ratio p99 / target = {p99:.1f} ms / {TARGET_P99_MS:g} ms = {ratio:.2f} "
+        f"(target p99 < {TARGET_P99_MS:g} ms, so below 1.00 passes; lower is better): {verdict}"
+    )
+    return 0 if verdict == "PASS" and durable else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,743 @@
+"""Pipeline efficiency: the webhook service against the bare model, on CPU, in the same run.
+
+Run from the repository root (the first run installs Label Studio into its cached venv):
+
+    .venv/bin/python benchmarks/bench_pipeline.py [--images 200] [--size 1024x768]
+
+What it does:
+
+1. Starts a real Label Studio 1.23.2 (``service.lsserver``, temporary data folder) and
+   creates a BrushLabels project with the demo model's labels (``quickstart.label_config``).
+   Meanwhile it draws ``--images`` synthetic images (``service.synthetic``, the demo model's
+   own data, seeded) at ``--size`` and encodes them as JPEG (quality 90).
+2. Writes a service config from ``--config`` (default: the repository's ``config.yaml``, the
+   bundled demo model): its ``model`` and ``prediction`` sections verbatim, except
+   ``model.device`` (``--device``, default ``cpu``: the target is a CPU target). Both sides
+   load that same file, so batch size, thresholds, ``prob_upsample``, ``min_pixels`` and
+   torch threads are the same. ``reconcile.on_startup`` is false and its interval an hour:
+   the project is empty at start-up, and a webhook that got lost must show as a failure
+   rather than be hidden by a reconcile pass.
+3. Bare model, ``--bare-runs`` runs (default 2), in this process: the same
+   ``SegmentationModel`` and ``PredictionConfig``; the JPEG bytes are decoded with
+   ``service.images.decode_image`` in two threads, ahead of the model (as ``predict`` does),
+   and ``model.predict_each`` runs in batches of ``model.batch_size`` (it includes the resize,
+   the forward pass, the probability upsampling and thresholding, and ``min_pixels``). It does
+   not write ``predict``'s mask and overlay files and does not RLE-encode: those are each
+   side's own output, not model work. The cost of ``build_prediction`` (the RLE encoding the
+   service must do) is timed apart and printed for reference. One untimed batch warms the
+   model up first.
+4. Service: ``python -m service.cli serve`` as a subprocess (as an operator runs it), waits
+   for ``/ready``, registers the webhook with ``python -m service.cli hook``, then imports all
+   images with one ``LabelStudioClient.upload_files`` call (Label Studio accepts at most 100
+   files per request, so that call sends ceil(N / 100) requests, one webhook each). The clock
+   starts just before that call and stops at the ``created_at`` of the last prediction, as
+   Label Studio recorded it (the service's own journal, which marks a job done after its POST
+   returned, is printed as a cross-check). Progress is polled from the service's job journal
+   (SQLite, every 0.5 s), which puts no load on Label Studio. At the end every task is read
+   back: each must have exactly one prediction, of the configured model_version.
+5. Bare model again, ``--bare-runs`` runs, after the service has stopped. The bare figure is
+   the median of all bare runs (before and after), so a load change on a shared machine hits
+   both sides alike and one disturbed run does not decide it.
+
+It prints the machine, the images, each run, where the CPU went during the service run (per
+process group, from /proc) and the service's own metrics, then the bare and service images/s
+and, last, the ratio service/bare against the target 0.85. Other load on the machine skews
+the ratio (a two-thread torch run suffers far more from a stolen core than Label Studio does),
+so when other processes used over 10% of the CPUs during a run, or the bare runs differ by
+over 25%, a WARNING line says the figures are unreliable. Exit code 0 when the target is met
+and every task has exactly one prediction, 1 otherwise, 2 when it could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import os
+import platform
+import secrets
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from machine import cpu_model  # noqa: E402
+
+from service import lsserver  # noqa: E402
+from service.config import Config, PredictionConfig, load_config  # noqa: E402
+from service.images import decode_image  # noqa: E402
+from service.labelstudio import LabelStudioClient  # noqa: E402
+from service.model import ImagePrediction, SegmentationModel  # noqa: E402
+from service.quickstart import label_config  # noqa: E402
+from service.results import BrushTarget, build_prediction, resolve_target  # noqa: E402
+from service.synthetic import make_sample  # noqa: E402
+
+TARGET = 0.85
+# Above these, a run was disturbed by other load and its ratio says little.
+NOISE_SHARE = 0.10
+NOISE_SPREAD = 1.25
+SEED = 20251201
+JPEG_QUALITY = 90
+POLL_S = 0.5
+SECRET_ENV = "LS_AUTOSEG_WEBHOOK_SECRET"
+TOKEN_ENV = "LABEL_STUDIO_TOKEN"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------------------ machine
+
+
+def group_cpu_s(pgid: int) -> float:
+    """User + system CPU seconds of the live processes in process group ``pgid``."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    total = sum(values[:8])  # guest time is already counted in user
+    return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+@dataclass
+class CpuSnapshot:
+    groups: dict[str, float]
+    machine_busy: float
+    machine_total: float
+
+    @classmethod
+    def take(cls, groups: dict[str, int]) -> CpuSnapshot:
+        busy, total = machine_cpu_s()
+        return cls({name: group_cpu_s(pgid) for name, pgid in groups.items()}, busy, total)
+
+    def other_share(self, before: CpuSnapshot) -> float:
+        """Share of the machine's CPU time used by processes outside ``groups`` since then."""
+        ours = sum(self.groups[name] - before.groups[name] for name in self.groups)
+        busy = self.machine_busy - before.machine_busy
+        total = self.machine_total - before.machine_total
+        return max(0.0, busy - ours) / total if total > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------ images
+
+
+def make_jpegs(count: int, width: int, height: int) -> list[tuple[str, bytes]]:
+    files = []
+    for index in range(count):
+        sample = make_sample(np.random.default_rng(SEED + index), height=height, width=width)
+        buffer = io.BytesIO()
+        Image.fromarray(sample.image).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        files.append((f"bench_{index:04d}.jpg", buffer.getvalue()))
+    return files
+
+
+# ------------------------------------------------------------------------------ bare model
+
+
+@dataclass
+class BareRun:
+    seconds: float
+    model_seconds: float  # inside predict_each
+    images: int
+    other_share: float  # of the machine's CPU, used by processes not ours meanwhile
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds
+
+
+def _decoded(
+    pool: ThreadPoolExecutor, jpegs: Sequence[bytes], max_pixels: int, window: int
+) -> Iterator[np.ndarray]:
+    """Decode in the pool, at most ``window`` images ahead of the consumer (as ``predict``)."""
+    futures: list[Future[np.ndarray]] = []
+    upcoming = iter(jpegs)
+    while True:
+        while len(futures) < window:
+            data = next(upcoming, None)
+            if data is None:
+                break
+            futures.append(pool.submit(decode_image, data, max_pixels=max_pixels))
+        if not futures:
+            return
+        yield futures.pop(0).result()
+
+
+def bare_run(
+    model: SegmentationModel,
+    prediction: PredictionConfig,
+    jpegs: Sequence[bytes],
+    groups: dict[str, int],
+) -> BareRun:
+    """Decode + ``predict_each`` over all images, in batches of ``model.batch_size``."""
+    size = model.config.batch_size
+    model_s = 0.0
+    done = 0
+    before = CpuSnapshot.take(groups)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="bench-decode") as pool:
+        began = time.perf_counter()
+        batch: list[np.ndarray] = []
+        for image in _decoded(pool, jpegs, prediction.max_pixels, window=2 * size):
+            batch.append(image)
+            if len(batch) == size:
+                model_s += _predict(model, prediction, batch)
+                done += len(batch)
+                batch = []
+        if batch:
+            model_s += _predict(model, prediction, batch)
+            done += len(batch)
+        elapsed = time.perf_counter() - began
+    return BareRun(elapsed, model_s, done, CpuSnapshot.take(groups).other_share(before))
+
+
+def _predict(
+    model: SegmentationModel, prediction: PredictionConfig, batch: list[np.ndarray]
+) -> float:
+    began = time.perf_counter()
+    results = model.predict_each(batch, prediction)
+    spent = time.perf_counter() - began
+    failed = [r for r in results if isinstance(r, str)]
+    if failed:
+        raise RuntimeError(f"bare model failed on an image: {failed[0]}")
+    return spent
+
+
+def encode_ms_per_image(
+    model: SegmentationModel,
+    prediction: PredictionConfig,
+    jpegs: Sequence[bytes],
+    target: BrushTarget,
+) -> float:
+    """Median ms of ``build_prediction`` (RLE of the kept masks) per image, on a few images."""
+    images = [decode_image(data, max_pixels=prediction.max_pixels) for data in jpegs]
+    results = model.predict_each(images, prediction)
+    times = []
+    for result in results:
+        assert isinstance(result, ImagePrediction)
+        began = time.perf_counter()
+        build_prediction(
+            1,
+            {m.label: m.mask for m in result.kept},
+            result.width,
+            result.height,
+            target,
+            score=prediction.score,
+            model_version=prediction.model_version,
+        )
+        times.append((time.perf_counter() - began) * 1000)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------ service
+
+
+def write_config(
+    base: Path, work: Path, url: str, project: int, port: int, device: str | None
+) -> Path:
+    """The service's config: ``base``'s model and prediction sections, this run's the rest."""
+    raw = yaml.safe_load(base.read_text(encoding="utf-8")) or {}
+    model = dict(raw.get("model") or {})
+    # Paths in a config are relative to its folder; the new file lives elsewhere.
+    model["path"] = str((base.resolve().parent / str(model["path"])).resolve())
+    if device is not None:
+        model["device"] = device
+    doc = {
+        "label_studio": {"url": url, "token": "${" + TOKEN_ENV + "}"},
+        "model": model,
+        "prediction": raw.get("prediction") or {},
+        "projects": [{"id": project}],
+        "server": {
+            "host": "127.0.0.1",
+            "port": port,
+            "webhook_secret": "${" + SECRET_ENV + "}",
+        },
+        "state_dir": str(work / "state"),
+        "reconcile": {"on_startup": False, "interval_s": 3600},
+    }
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+class ServiceProcess:
+    """``ls-autoseg serve`` in a subprocess of its own process group (for CPU accounting)."""
+
+    def __init__(self, config: Path, port: int, log: Path, env: dict[str, str]) -> None:
+        self.config = config
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", *args, "--config", str(self.config)],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve", "--config", str(self.config)],
+                env=self.env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited:\n{self.tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"service not ready within {timeout_s:.0f} s:\n{self.tail()}")
+
+    def stop(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def metrics(self) -> dict[str, float]:
+        """The service's Prometheus samples, ``name{labels}`` -> value."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+        return out
+
+    def tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return "(no log)"
+
+
+@dataclass
+class Journal:
+    """What the service's job journal says: counts by state and the times of done jobs."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    first_queued: float | None = None
+    last_queued: float | None = None
+    last_done: float | None = None
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.get(s, 0) for s in ("done", "skipped", "failed"))
+
+    @classmethod
+    def read(cls, path: Path) -> Journal:
+        if not path.exists():
+            return cls()
+        with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
+            counts = dict(db.execute("SELECT state, count(*) FROM jobs GROUP BY state"))
+            first, last = db.execute("SELECT min(created_at), max(created_at) FROM jobs").fetchone()
+            (done,) = db.execute("SELECT max(updated_at) FROM jobs WHERE state = 'done'").fetchone()
+        return cls(counts, first, last, done)
+
+
+@dataclass
+class ServiceRun:
+    started: float  # epoch seconds, just before the import call
+    import_s: float
+    first_prediction: float  # epoch seconds, Label Studio's created_at
+    last_prediction: float
+    journal: Journal
+    tasks: int
+    exactly_one: int
+    problems: list[str]
+    cpu: dict[str, float]
+    other_share: float
+    machine_busy_s: float
+    machine_total_s: float
+    metrics: dict[str, float]
+
+    @property
+    def seconds(self) -> float:
+        return self.last_prediction - self.started
+
+    @property
+    def rate(self) -> float:
+        return self.tasks / self.seconds
+
+
+async def prediction_times(url: str, token: str, project: int) -> list[float]:
+    """Epoch ``created_at`` of every prediction of the project, read once, at the end."""
+    times: list[float] = []
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Token {token}"}, timeout=60
+    ) as http:
+        page = 1
+        while True:
+            answer = await http.get(
+                "/api/predictions/", params={"project": project, "page": page, "page_size": 500}
+            )
+            answer.raise_for_status()
+            body: Any = answer.json()
+            items = body if isinstance(body, list) else body.get("results", [])
+            times.extend(datetime.fromisoformat(p["created_at"]).timestamp() for p in items)
+            if isinstance(body, list) or not body.get("next"):
+                return times
+            page += 1
+
+
+async def run_service(
+    client: LabelStudioClient,
+    ls: lsserver.LocalLabelStudio,
+    service: ServiceProcess,
+    project: int,
+    files: list[tuple[str, bytes]],
+    model_version: str,
+    state_db: Path,
+    timeout_s: float,
+) -> ServiceRun:
+    assert service.process is not None
+    groups = {
+        "service": service.process.pid,
+        "Label Studio": ls.process.pid,
+        "this process": os.getpgid(0),
+    }
+    before = CpuSnapshot.take(groups)
+    started = time.time()
+    await client.upload_files(project, files)
+    import_s = time.time() - started
+    deadline = time.monotonic() + timeout_s
+    journal = Journal.read(state_db)
+    while journal.finished < len(files) and time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise RuntimeError(f"service exited during the run:\n{service.tail()}")
+        await asyncio.sleep(POLL_S)
+        journal = Journal.read(state_db)
+    after = CpuSnapshot.take(groups)
+    metrics = service.metrics()
+
+    problems: list[str] = []
+    if journal.finished < len(files):
+        problems.append(
+            f"timeout after {timeout_s:.0f} s: the journal has {journal.counts} for "
+            f"{len(files)} images (a lost webhook leaves tasks out of the journal)"
+        )
+    if journal.counts.get("failed") or journal.counts.get("skipped"):
+        problems.append(f"jobs not done: {journal.counts}")
+    tasks = [t async for t in client.iter_tasks(project, fields_all=True)]
+    exactly_one = 0
+    for task in tasks:
+        predictions = task.predictions or ()
+        if len(predictions) == 1 and predictions[0].model_version == model_version:
+            exactly_one += 1
+        elif len(problems) < 10:
+            problems.append(f"task {task.id}: {len(predictions)} prediction(s)")
+    if len(tasks) != len(files):
+        problems.append(f"{len(tasks)} tasks for {len(files)} images")
+    times = await prediction_times(ls.url, ls.legacy_token, project)
+    if not times:
+        raise RuntimeError(f"no prediction arrived; service log:\n{service.tail()}")
+    cpu = {name: after.groups[name] - before.groups[name] for name in groups}
+    return ServiceRun(
+        started=started,
+        import_s=import_s,
+        first_prediction=min(times),
+        last_prediction=max(times),
+        journal=journal,
+        tasks=len(tasks),
+        exactly_one=exactly_one,
+        problems=problems,
+        cpu=cpu,
+        other_share=after.other_share(before),
+        machine_busy_s=after.machine_busy - before.machine_busy,
+        machine_total_s=after.machine_total - before.machine_total,
+        metrics=metrics,
+    )
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, not {text!r}") from None
+    if width < 32 or height < 32:
+        raise argparse.ArgumentTypeError("size must be at least 32x32")
+    return width, height
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=200, help="images imported at once")
+    parser.add_argument("--size", type=parse_size, default=(1024, 768), help="WIDTHxHEIGHT")
+    parser.add_argument("--config", type=Path, default=REPO / "config.yaml")
+    parser.add_argument(
+        "--device", default="cpu", help="model.device for both sides ('config': keep the file's)"
+    )
+    parser.add_argument(
+        "--bare-runs", type=int, default=2, help="bare model runs before and again after"
+    )
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the service")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary data folder")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.images < 1 or args.bare_runs < 1:
+        print("--images and --bare-runs must be >= 1", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    try:
+        return _main(args, work)
+    finally:
+        if args.keep:
+            print(f"data kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _main(args: argparse.Namespace, work: Path) -> int:
+    width, height = args.size
+    print(f"starting Label Studio and drawing {args.images} images ...", flush=True)
+    started: dict[str, Any] = {}
+
+    def start_ls() -> None:
+        try:
+            started["ls"] = lsserver.start(work / "label-studio")
+        except BaseException as exc:
+            started["error"] = exc
+
+    starter = threading.Thread(target=start_ls, name="label-studio")
+    starter.start()
+    files = make_jpegs(args.images, width, height)
+    starter.join()
+    if "error" in started:
+        print(f"cannot start Label Studio: {started['error']}", file=sys.stderr)
+        return 2
+    ls: lsserver.LocalLabelStudio = started["ls"]
+    try:
+        return _measure(args, work, ls, files)
+    finally:
+        ls.stop()
+
+
+def _measure(
+    args: argparse.Namespace,
+    work: Path,
+    ls: lsserver.LocalLabelStudio,
+    files: list[tuple[str, bytes]],
+) -> int:
+    width, height = args.size
+    jpegs = [data for _, data in files]
+    base = load_config(args.config, environ={})
+
+    async def make_project() -> tuple[int, BrushTarget]:
+        async with LabelStudioClient(ls.url, ls.legacy_token) as client:
+            title = f"bench-pipeline {secrets.token_hex(3)}"
+            project = await client.create_project(title, label_config(base.model.output_labels))
+            return project.id, resolve_target(project, base.model.output_labels)
+
+    project, target = asyncio.run(make_project())
+    port = lsserver.free_port()
+    device = None if args.device == "config" else args.device
+    config_path = write_config(args.config, work, ls.url, project, port, device)
+    secret = secrets.token_hex(16)
+    env = {**os.environ, TOKEN_ENV: ls.legacy_token, SECRET_ENV: secret}
+    config: Config = load_config(config_path, environ=env)
+    model = SegmentationModel.load(config.model)
+    prediction = config.prediction
+    batch = config.model.batch_size
+
+    print(
+        f"machine: {cpu_model()}, {os.cpu_count()} CPUs online, "
+        f"{len(os.sched_getaffinity(0))} usable; python {platform.python_version()}, "
+        f"torch {torch.__version__}; torch threads {torch.get_num_threads()} "
+        f"(model.threads {config.model.threads}: the service process applies the same rule)"
+    )
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    mean_kb = statistics.mean(len(d) for d in jpegs) / 1024
+    print(
+        f"images: {len(files)} synthetic JPEGs {width}x{height} (quality {JPEG_QUALITY}, "
+        f"mean {mean_kb:.0f} KB); model {config.model.path.name} on {model.device}, "
+        f"input_size {config.model.input_size}, batch_size {batch}, "
+        f"prob_upsample {prediction.prob_upsample}"
+    )
+    if len(files) < 200:
+        print(f"note: N = {len(files)}; the issue's figure needs --images 200 or more")
+
+    # Warm-up, untimed: one batch.
+    model.predict_each(
+        [decode_image(d, max_pixels=prediction.max_pixels) for d in jpegs[:batch]], prediction
+    )
+    encode_ms = encode_ms_per_image(model, prediction, jpegs[:batch], target)
+    # Our process groups: this one and Label Studio's (idle during the bare runs).
+    ours = {"this process": os.getpgid(0), "Label Studio": ls.process.pid}
+    bare: list[BareRun] = []
+    for _ in range(args.bare_runs):
+        bare.append(bare_run(model, prediction, jpegs, ours))
+        _print_bare(len(bare), bare[-1])
+
+    service = ServiceProcess(config_path, port, work / "service.log", env)
+    try:
+        service.start()
+        hooked = service.cli("hook", "--url", f"{service.url}/webhook")
+        if hooked.returncode != 0:
+            print(f"hook failed:\n{hooked.stdout}{hooked.stderr}", file=sys.stderr)
+            return 2
+
+        async def run() -> ServiceRun:
+            async with LabelStudioClient(ls.url, ls.legacy_token, timeout_s=300) as client:
+                return await run_service(
+                    client,
+                    ls,
+                    service,
+                    project,
+                    files,
+                    prediction.model_version,
+                    config.state_dir / "jobs.sqlite3",
+                    args.timeout,
+                )
+
+        result = asyncio.run(run())
+    finally:
+        code = service.stop()
+    if code not in (0, None):
+        print(f"warning: the service exited with {code}:\n{service.tail()}")
+    _print_service(result, batch)
+
+    for _ in range(args.bare_runs):
+        bare.append(bare_run(model, prediction, jpegs, ours))
+        _print_bare(len(bare), bare[-1])
+
+    print(
+        f"build_prediction (RLE + JSON, service side only): {encode_ms:.1f} ms/image "
+        f"(median of {min(batch, len(jpegs))} images)"
+    )
+    bare_rate = statistics.median(r.rate for r in bare)
+    ratio = result.rate / bare_rate
+    ok = not result.problems and ratio >= TARGET
+    for problem in result.problems:
+        print(f"PROBLEM: {problem}")
+    rates = [r.rate for r in bare]
+    busiest = max([result.other_share, *(r.other_share for r in bare)])
+    noise = []
+    if busiest > NOISE_SHARE:
+        noise.append(f"other processes used up to {busiest:.0%} of the CPUs during a run")
+    if max(rates) > NOISE_SPREAD * min(rates):
+        noise.append(f"the bare runs ranged from {min(rates):.1f} to {max(rates):.1f} images/s")
+    if noise:
+        print(
+            f"WARNING: the machine was not quiet ({'; '.join(noise)}): both figures, and so "
+            "the ratio, are unreliable; run it again on a quiet machine"
+        )
+    print(
+        f"bare model: {bare_rate:.2f} images/s (median of {len(bare)} runs: "
+        f"{args.bare_runs} before the service, {args.bare_runs} after)"
+    )
+    print(f"service: {result.rate:.2f} images/s ({result.tasks} images in {result.seconds:.2f} s)")
+    print(f"target: service/bare >= {TARGET}")
+    verdict = "PASS" if ok else ("FAIL" if not result.problems else "FAIL (see PROBLEM)")
+    print(f"ratio service/bare: {ratio:.3f} ({verdict})")
+    return 0 if ok else 1
+
+
+def _print_bare(index: int, run: BareRun) -> None:
+    print(
+        f"bare model run {index}: {run.images} images in {run.seconds:.2f} s = "
+        f"{run.rate:.2f} images/s (predict_each {run.model_seconds:.2f} s, "
+        f"{1000 * run.model_seconds / run.images:.1f} ms/image; other processes "
+        f"{run.other_share:.0%} of the CPUs)",
+        flush=True,
+    )
+
+
+def _print_service(run: ServiceRun, batch_size: int) -> None:
+    t0 = run.started
+    journal = run.journal
+    print(
+        f"service: import call {run.import_s:.2f} s "
+        f"({-(-run.tasks // 100)} request(s) of <= 100 files); "
+        f"webhooks queued the jobs at +{(journal.first_queued or t0) - t0:.2f} .. "
+        f"+{(journal.last_queued or t0) - t0:.2f} s; first prediction "
+        f"+{run.first_prediction - t0:.2f} s, last +{run.last_prediction - t0:.2f} s "
+        f"(Label Studio's created_at; the journal's last done: "
+        f"+{(journal.last_done or t0) - t0:.2f} s)"
+    )
+    print(
+        f"service: {run.tasks} tasks, {run.exactly_one} with exactly one prediction; "
+        f"journal {journal.counts}"
+    )
+    wall = run.machine_total_s / max(1, len(os.sched_getaffinity(0)))
+    ours = sum(run.cpu.values())
+    parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in run.cpu.items())
+    print(
+        f"service: CPU seconds from the import to the end of polling ({wall:.1f} s wall, "
+        f"{run.machine_total_s:.1f} CPU-s on this machine): {parts}, other processes "
+        f"{max(0.0, run.machine_busy_s - ours):.1f} ({run.other_share:.0%}), idle "
+        f"{run.machine_total_s - run.machine_busy_s:.1f}"
+    )
+    m = run.metrics
+    batches = m.get("ls_autoseg_inference_seconds_count", 0.0)
+    infer_s = m.get("ls_autoseg_inference_seconds_sum", 0.0)
+    images = m.get("ls_autoseg_inference_batch_size_sum", 0.0)
+    jobs = m.get("ls_autoseg_job_seconds_count", 0.0)
+    job_mean = m.get("ls_autoseg_job_seconds_sum", 0.0) / max(1.0, jobs)
+    if batches:
+        print(
+            f"service metrics: {batches:.0f} model batches, {images / batches:.2f} images "
+            f"per batch (batch_size {batch_size}); predict_each {infer_s:.2f} s in all, "
+            f"{1000 * infer_s / max(images, 1):.1f} ms/image, busy "
+            f"{infer_s / run.seconds:.0%} of the measured time; job claim-to-done mean "
+            f"{job_mean:.2f} s; "
+            f"retries {m.get('ls_autoseg_job_retries_total', 0.0):.0f}"
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
