@@ -88,6 +88,10 @@ class WorkerSettings:
     idle_poll_s: float = 1.0
     shutdown_grace_s: float = 30.0
     outage_probe_s: float = 5.0
+    # Label Studio sends TASKS_CREATED from inside the import request; a task read at once
+    # was seen (once, on a busy machine) without the annotation imported with it. A job is
+    # therefore first read this long after it was queued.
+    settle_s: float = 2.0
     outage_limit_s: float | None = None  # None: wait for Label Studio as long as it takes
 
 
@@ -285,6 +289,9 @@ class Worker:
         started = self.clock()
         handed_over = False
         try:
+            settle = job.created_at + self.settings.settle_s - self.clock()
+            if settle > 0:
+                await asyncio.sleep(settle)
             async with self._io:
                 target = self._target(job)
                 task = await self._task(job)

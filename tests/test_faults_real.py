@@ -99,6 +99,11 @@ def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def drained(env: ServiceEnv) -> bool:
+    counts, _ = env.service.status()
+    return counts["queued"] == counts["running"] == 0
+
+
 def assert_all_settled(env: ServiceEnv, total: int, failed: int = 0) -> str:
     counts, text = env.service.status()
     assert counts["queued"] == counts["running"] == 0, text
@@ -154,7 +159,7 @@ def test_error_answers_and_slow_answers(
     proxy.rule("POST", POSTS, "late", 7.0, count=2)
     pictures = upload(ls_client, env.project, names("img", range(12)))
     tasks = wait_for_predictions(ls_client, env.project, 12, timeout=120)
-    until(lambda: env.service.status()[0]["queued"] == 0, 60, "the queue to drain")
+    until(lambda: drained(env), 60, "the queue to drain")
     assert_correct(tasks, pictures, set())
     text = assert_all_settled(env, 12)
     assert proxy.count("POST", POSTS) >= 12 + 2  # the injected failures were really hit
@@ -351,7 +356,7 @@ def test_sigkill_during_inference_or_posting_then_restart(
 
     service.start()
     tasks = wait_for_predictions(ls_client, env.project, 12, timeout=120)
-    until(lambda: service.status()[0]["queued"] == 0, 60, "the queue to drain")
+    until(lambda: drained(env), 60, "the queue to drain")
     assert_correct(tasks, pictures, set())
     text = assert_all_settled(env, 12)
     if moment == "posting":

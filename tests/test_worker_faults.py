@@ -171,6 +171,7 @@ def run(queue: SQLiteJobQueue, colour_model: Callable[..., ModelConfig]) -> Run:
                     retry_base_s=0.01,
                     outage_probe_s=0.02,
                     idle_poll_s=0.02,
+                    settle_s=0,
                     **settings,
                 ),
                 metrics=outages,
@@ -322,6 +323,7 @@ def test_backfill_gives_up_on_a_long_outage_and_keeps_the_jobs(
                     outage_probe_s=0.02,
                     outage_limit_s=0.2,
                     idle_poll_s=0.02,
+                    settle_s=0,
                 ),
             )
             queue.enqueue(PROJECT, fake.tasks, "v1")
@@ -371,7 +373,7 @@ def test_a_full_worker_waits_for_a_free_slot_instead_of_polling_the_queue(
                     client,
                     model,
                     {PROJECT: target},
-                    WorkerSettings(PredictionConfig(min_pixels=0), concurrency=2),
+                    WorkerSettings(PredictionConfig(min_pixels=0), concurrency=2, settle_s=0),
                 )
                 queue.enqueue(PROJECT, fake.tasks, "v1")
                 stop = asyncio.Event()
@@ -388,3 +390,43 @@ def test_a_full_worker_waits_for_a_free_slot_instead_of_polling_the_queue(
 
     asyncio.run(main())
     assert len(fake.predictions) == 40
+
+
+def test_a_job_is_first_read_settle_s_after_it_was_queued(
+    tmp_path: Path, colour_model: Callable[..., ModelConfig]
+) -> None:
+    """Label Studio sends TASKS_CREATED from inside the import: the worker lets it finish."""
+    import time
+
+    fake = FakeLabelStudio(tasks=[1, 2])
+    model = SegmentationModel.load(colour_model(channels=1))
+    target = BrushTarget(PROJECT, "tag", "image", "image", {"red": "label_a"})
+    first_read: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if TASK_RE.match(request.url.path) and not first_read:
+            first_read.append(time.time())
+        return fake.handler(request)
+
+    async def main() -> float:
+        with SQLiteJobQueue(tmp_path / "jobs.sqlite3") as queue:
+            async with LabelStudioClient(
+                "http://ls.test",
+                "0123456789abcdef0123456789abcdef01234567",
+                transport=httpx.MockTransport(handler),
+            ) as client:
+                worker = Worker(
+                    queue,
+                    client,
+                    model,
+                    {PROJECT: target},
+                    WorkerSettings(PredictionConfig(min_pixels=0), settle_s=0.5),
+                )
+                queued_at = time.time()
+                queue.enqueue(PROJECT, fake.tasks, "v1")
+                await worker.run_until_idle()
+                return queued_at
+
+    queued_at = asyncio.run(main())
+    assert first_read and first_read[0] - queued_at >= 0.45
+    assert_one_correct_prediction_each(fake, fake.tasks)
