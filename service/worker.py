@@ -196,12 +196,7 @@ class Worker:
         if due is not None:
             timeout = min(timeout, max(0.0, due - self.clock()))
         self._wake.clear()
-        waiters = [asyncio.create_task(self._wake.wait()), asyncio.create_task(stop.wait())]
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        await _first(self._wake.wait(), stop.wait(), timeout=timeout)
 
     # ------------------------------------------------------------------ outages
 
@@ -230,8 +225,7 @@ class Worker:
 
     async def _probe(self, stop: asyncio.Event) -> None:
         """One outage probe after ``outage_probe_s``; ends the outage when Label Studio answers."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), self.settings.outage_probe_s)
+        await _first(stop.wait(), timeout=self.settings.outage_probe_s)
         if stop.is_set():
             return
         down_s = time.monotonic() - self._outage_since
@@ -450,11 +444,11 @@ class Worker:
             await asyncio.shield(asyncio.to_thread(self.queue.release, job.id, reason))
 
 
-async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
-    """Wait until the first of ``waits`` finishes; cancel the others."""
+async def _first(*waits: Coroutine[Any, Any, Any], timeout: float | None = None) -> None:
+    """Wait until the first of ``waits`` finishes (or ``timeout``); cancel the others."""
     tasks = [asyncio.ensure_future(wait) for wait in waits]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in tasks:
             task.cancel()
