@@ -52,12 +52,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from machine import cpu_model, cpu_seconds, wait_http  # noqa: E402
+from machine import cpu_model, cpu_seconds, service_config, wait_http  # noqa: E402
 
 TARGET_P99_MS = 250.0
 SECRET = "bench-intake-secret-7b1e"
@@ -83,23 +82,6 @@ class _IdleHooks:
         from service.app import Readiness
 
         return Readiness(True, {"model": "not loaded (benchmark)"})
-
-
-def write_config(folder: Path, port: int) -> Path:
-    """The repository's config.yaml with this run's project, server and state_dir."""
-    doc = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
-    doc["model"]["path"] = str(REPO / doc["model"]["path"])
-    doc["label_studio"]["url"] = "http://127.0.0.1:9"  # never called: no worker
-    doc["projects"] = [{"id": PROJECT}]
-    doc["server"] = {
-        "host": "127.0.0.1",
-        "port": port,
-        "webhook_secret": "${LS_AUTOSEG_WEBHOOK_SECRET}",
-    }
-    doc["state_dir"] = str(folder / "state")
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    return path
 
 
 def serve(config_path: Path) -> None:
@@ -330,7 +312,8 @@ def main() -> int:
 
     folder = Path(tempfile.mkdtemp(prefix="bench-intake-"))
     port = free_port()
-    config = write_config(folder, port)
+    # the Label Studio URL is never called: no worker runs
+    config, _ = service_config(folder, "http://127.0.0.1:9", PROJECT, port)
     state_dir = folder / "state"
     state_dir.mkdir()
     print(machine_line(state_dir), flush=True)

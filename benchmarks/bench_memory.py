@@ -60,7 +60,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from machine import cpu_model, cpu_seconds, wait_http
+from machine import cpu_model, cpu_seconds, service_config, wait_http
 
 from service import lsserver
 from service.labelstudio import LabelStudioClient
@@ -155,23 +155,6 @@ async def fill_project(
             flush=True,
         )
         return project, total
-
-
-def write_config(folder: Path, url: str, project: int, port: int) -> tuple[Path, dict[str, object]]:
-    """The repository's config.yaml with this run's Label Studio, project, port and state_dir."""
-    doc = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
-    doc["model"]["path"] = str(REPO / doc["model"]["path"])
-    doc["label_studio"]["url"] = url
-    doc["projects"] = [{"id": project}]
-    doc["server"] = {
-        "host": "127.0.0.1",
-        "port": port,
-        "webhook_secret": "${LS_AUTOSEG_WEBHOOK_SECRET}",
-    }
-    doc["state_dir"] = str(folder / "state")
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    return path, doc
 
 
 # --------------------------------------------------------------------------- watching
@@ -283,7 +266,7 @@ def main() -> int:
         labels = list(repo_config["model"]["labels"])
         project, total = asyncio.run(fill_project(ls.url, ls.legacy_token, labels, args))
         port = lsserver.free_port()
-        config, doc = write_config(folder, ls.url, project, port)
+        config, doc = service_config(folder, ls.url, project, port)
         model, prediction = doc["model"], doc["prediction"]
         assert isinstance(model, dict) and isinstance(prediction, dict)
         print(

@@ -10,8 +10,12 @@ import platform
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def cpu_model() -> str:
@@ -46,3 +50,21 @@ def wait_http(
                 return
         time.sleep(0.2)
     raise SystemExit(f"the {what} did not answer within {timeout_s:.0f} s:\n{log.read_text()}")
+
+
+def service_config(folder: Path, url: str, project: int, port: int) -> tuple[Path, dict[str, Any]]:
+    """The repository's config.yaml with this run's Label Studio URL, project, server and
+    state_dir, written to ``folder``; returns its path and content."""
+    doc = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
+    doc["model"]["path"] = str(REPO / doc["model"]["path"])
+    doc["label_studio"]["url"] = url
+    doc["projects"] = [{"id": project}]
+    doc["server"] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "webhook_secret": "${LS_AUTOSEG_WEBHOOK_SECRET}",
+    }
+    doc["state_dir"] = str(folder / "state")
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path, doc

@@ -32,6 +32,30 @@ from service.worker import Worker, WorkerSettings
 PROJECT = 7
 TASK_RE = re.compile(r"^/api/tasks/(\d+)/$")
 INVALID_TOKEN = {"detail": "Invalid token."}
+TARGET = BrushTarget(PROJECT, "tag", "image", "image", {"red": "label_a"})
+
+
+def fake_client(handler: Callable[..., Any], **options: Any) -> LabelStudioClient:
+    """A real client whose Label Studio is ``handler`` (an httpx.MockTransport handler)."""
+    return LabelStudioClient(
+        "http://ls.test",
+        "0123456789abcdef0123456789abcdef01234567",
+        transport=httpx.MockTransport(handler),
+        **options,
+    )
+
+
+def make_worker(
+    queue: SQLiteJobQueue,
+    client: LabelStudioClient,
+    model: SegmentationModel,
+    metrics: Any = None,
+    **settings: Any,
+) -> Worker:
+    """A worker on the fake project; ``settings`` are WorkerSettings' (prediction included)."""
+    return Worker(
+        queue, client, model, {PROJECT: TARGET}, WorkerSettings(**settings), metrics=metrics
+    )
 
 
 def red_block(task_id: int) -> tuple[bytes, np.ndarray]:
@@ -143,7 +167,6 @@ Run = Callable[..., Any]
 def run(queue: SQLiteJobQueue, colour_model: Callable[..., ModelConfig]) -> Run:
     """Run a worker against ``fake`` until ``until(fake)`` holds (or a timeout)."""
     model = SegmentationModel.load(colour_model(channels=1))
-    target = BrushTarget(PROJECT, "tag", "image", "image", {"red": "label_a"})
 
     def go(
         fake: FakeLabelStudio,
@@ -153,28 +176,18 @@ def run(queue: SQLiteJobQueue, colour_model: Callable[..., ModelConfig]) -> Run:
         outages = Outages()
 
         async def main() -> None:
-            client = LabelStudioClient(
-                "http://ls.test",
-                "0123456789abcdef0123456789abcdef01234567",
-                timeout_s=5,
-                retries=1,
-                backoff_s=0.001,
-                transport=httpx.MockTransport(fake.handler),
-            )
-            worker = Worker(
+            client = fake_client(fake.handler, timeout_s=5, retries=1, backoff_s=0.001)
+            worker = make_worker(
                 queue,
                 client,
                 model,
-                {PROJECT: target},
-                WorkerSettings(
-                    PredictionConfig(min_pixels=0, prob_upsample=False),
-                    retry_base_s=0.01,
-                    outage_probe_s=0.02,
-                    idle_poll_s=0.02,
-                    settle_s=0,
-                    **settings,
-                ),
-                metrics=outages,
+                outages,
+                prediction=PredictionConfig(min_pixels=0, prob_upsample=False),
+                retry_base_s=0.01,
+                outage_probe_s=0.02,
+                idle_poll_s=0.02,
+                settle_s=0,
+                **settings,
             )
             queue.enqueue(PROJECT, fake.tasks, "v1")
             stop = asyncio.Event()
@@ -304,27 +317,18 @@ def test_backfill_gives_up_on_a_long_outage_and_keeps_the_jobs(
 
     fake = FakeLabelStudio(tasks=[1, 2], down=True)
     model = SegmentationModel.load(colour_model(channels=1))
-    target = BrushTarget(PROJECT, "tag", "image", "image", {"red": "label_a"})
 
     async def main() -> None:
-        async with LabelStudioClient(
-            "http://ls.test",
-            "0123456789abcdef0123456789abcdef01234567",
-            retries=0,
-            transport=httpx.MockTransport(fake.handler),
-        ) as client:
-            worker = Worker(
+        async with fake_client(fake.handler, retries=0) as client:
+            worker = make_worker(
                 queue,
                 client,
                 model,
-                {PROJECT: target},
-                WorkerSettings(
-                    PredictionConfig(min_pixels=0),
-                    outage_probe_s=0.02,
-                    outage_limit_s=0.2,
-                    idle_poll_s=0.02,
-                    settle_s=0,
-                ),
+                prediction=PredictionConfig(min_pixels=0),
+                outage_probe_s=0.02,
+                outage_limit_s=0.2,
+                idle_poll_s=0.02,
+                settle_s=0,
             )
             queue.enqueue(PROJECT, fake.tasks, "v1")
             with pytest.raises(LabelStudioUnavailable, match=r"giving up .*Connection refused"):
@@ -352,7 +356,6 @@ def test_a_full_worker_waits_for_a_free_slot_instead_of_polling_the_queue(
 
     fake = FakeLabelStudio(tasks=list(range(1, 41)))
     model = SegmentationModel.load(colour_model(channels=1, batch_size=2))
-    target = BrushTarget(PROJECT, "tag", "image", "image", {"red": "label_a"})
 
     async def main() -> None:
         posts_may_answer = asyncio.Event()
@@ -363,17 +366,14 @@ def test_a_full_worker_waits_for_a_free_slot_instead_of_polling_the_queue(
             return fake.handler(request)
 
         with CountingQueue(tmp_path / "jobs.sqlite3") as queue:
-            async with LabelStudioClient(
-                "http://ls.test",
-                "0123456789abcdef0123456789abcdef01234567",
-                transport=httpx.MockTransport(handler),
-            ) as client:
-                worker = Worker(
+            async with fake_client(handler) as client:
+                worker = make_worker(
                     queue,
                     client,
                     model,
-                    {PROJECT: target},
-                    WorkerSettings(PredictionConfig(min_pixels=0), concurrency=2, settle_s=0),
+                    prediction=PredictionConfig(min_pixels=0),
+                    concurrency=2,
+                    settle_s=0,
                 )
                 queue.enqueue(PROJECT, fake.tasks, "v1")
                 stop = asyncio.Event()
@@ -400,7 +400,6 @@ def test_a_job_is_first_read_settle_s_after_it_was_queued(
 
     fake = FakeLabelStudio(tasks=[1, 2])
     model = SegmentationModel.load(colour_model(channels=1))
-    target = BrushTarget(PROJECT, "tag", "image", "image", {"red": "label_a"})
     first_read: list[float] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -410,17 +409,9 @@ def test_a_job_is_first_read_settle_s_after_it_was_queued(
 
     async def main() -> float:
         with SQLiteJobQueue(tmp_path / "jobs.sqlite3") as queue:
-            async with LabelStudioClient(
-                "http://ls.test",
-                "0123456789abcdef0123456789abcdef01234567",
-                transport=httpx.MockTransport(handler),
-            ) as client:
-                worker = Worker(
-                    queue,
-                    client,
-                    model,
-                    {PROJECT: target},
-                    WorkerSettings(PredictionConfig(min_pixels=0), settle_s=0.5),
+            async with fake_client(handler) as client:
+                worker = make_worker(
+                    queue, client, model, prediction=PredictionConfig(min_pixels=0), settle_s=0.5
                 )
                 queued_at = time.time()
                 queue.enqueue(PROJECT, fake.tasks, "v1")
