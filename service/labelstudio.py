@@ -58,6 +58,7 @@ CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024
 MAX_FILES_PER_IMPORT = 100  # Label Studio's own limit per multipart import request
+MAX_TASKS_PER_READ = 100  # task ids per list request (they travel in the URL)
 ACCESS_REFRESH_MARGIN_S = 30.0  # refresh a PAT's access token this long before it expires
 DEFAULT_ACCESS_LIFETIME_S = 300.0  # Label Studio's access tokens live 5 minutes
 
@@ -437,6 +438,29 @@ class LabelStudioClient:
             total = _opt_int(listing, "total")
         return [_parse_task(raw) for raw in raw_tasks], total
 
+    async def get_tasks(self, project_id: int, task_ids: Sequence[int]) -> dict[int, Task]:
+        """The given tasks of one project, with annotations and predictions, by id, read
+        ``MAX_TASKS_PER_READ`` per request. Ids missing from the answer are not in the project
+        (deleted, another project's, or not committed yet): ask ``get_task`` which it is.
+
+        One list request costs Label Studio 5-8 ms of CPU per task where ``GET
+        /api/tasks/{id}/`` costs ~60 ms (measured on 1.23.2).
+        """
+        wanted = list(dict.fromkeys(int(task_id) for task_id in task_ids))
+        found: dict[int, Task] = {}
+        for start in range(0, len(wanted), MAX_TASKS_PER_READ):
+            chunk = wanted[start : start + MAX_TASKS_PER_READ]
+            tasks, _ = await self.task_page(
+                project_id,
+                page_size=len(chunk),
+                fields_all=True,
+                query={"selectedItems": {"all": False, "included": chunk}},
+            )
+            for task in tasks or []:
+                if task.id in chunk:
+                    found[task.id] = task
+        return found
+
     async def get_task(self, task_id: int) -> Task:
         """One task with its annotations and predictions."""
         response = await self._send("GET", self._url(f"/api/tasks/{int(task_id)}/"))
@@ -511,12 +535,15 @@ class LabelStudioClient:
         )
         return _req_int(_object(_json(response), "prediction"), "id")
 
-    async def import_predictions(self, project_id: int, items: Sequence[PredictionIn]) -> int:
+    async def import_predictions(
+        self, project_id: int, items: Sequence[PredictionIn], *, retry: bool = True
+    ) -> int:
         """Bulk-create predictions; return how many Label Studio created.
 
         Label Studio 1.23.2 silently drops predictions that do not fit the label config, so the
         count can be smaller than ``len(items)``: callers must compare. One task outside the
-        project fails the whole request (LabelStudioError, 400).
+        project fails the whole request (LabelStudioError, 400). ``retry=False``: one try, as
+        for ``create_prediction``.
         """
         if not items:
             return 0
@@ -524,6 +551,7 @@ class LabelStudioClient:
             "POST",
             self._url(f"/api/projects/{int(project_id)}/import/predictions"),
             json_body=[item.to_json() for item in items],
+            retries=None if retry else 0,
         )
         return _req_int(_object(_json(response), "import"), "created")
 

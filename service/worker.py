@@ -2,13 +2,24 @@
 
 Three stages overlap so the model is never idle while there is work:
 
-- *prepare* (up to ``concurrency`` jobs at once): re-read the task from Label Studio (the
-  webhook body is never trusted for URLs), skip it if a person annotated it or a prediction
-  of this model_version exists, download and decode the image;
+- *prepare*: the jobs claimed together are re-read from Label Studio in one list request per
+  project (the webhook body is never trusted for URLs); a task a person annotated or that
+  holds a prediction of this model_version is skipped; then each image is downloaded (up to
+  ``concurrency`` at once) and decoded;
 - *infer* (one at a time): batch the prepared images, up to ``model.batch_size``, waiting only
   ``batch_wait_s`` for a batch to fill, and run the model in a thread;
-- *post* (up to ``concurrency`` at once): encode the masks, check the task once more for
-  annotations and for a prediction of this version, and post the prediction.
+- *post*: encode the batch's masks, re-read its tasks in one request (annotated meanwhile?
+  posted by an earlier attempt whose answer was lost?) and post the predictions in one bulk
+  request, tried once.
+
+Label Studio's own CPU is the bottleneck of this service (it answers on one process):
+per task, ``GET /api/tasks/{id}/`` costs it ~60 ms and ``POST /api/predictions/`` ~45 ms,
+a list read or a bulk import of a batch 5-13 ms. So one-task requests are the fallback only:
+a task missing from a list read is read on its own (404 grace, another project); a list read
+that fails while Label Studio answers falls back to single reads, so one bad task fails alone;
+a bulk post refused as a whole (nothing stored) is posted one by one. Label Studio drops a
+prediction that does not fit the label config without an error: the bulk answer's count is
+compared and the missing ones fail with that reason.
 
 Failures are sorted by the exception tree: a ``RetryableError`` (connection, timeout, 429,
 5xx) sends the job back to the queue with exponential backoff until the queue's attempt limit;
@@ -42,7 +53,7 @@ import numpy as np
 from service.config import PredictionConfig
 from service.errors import AuthError, AutosegError, NotFoundError, RetryableError
 from service.images import decode_image
-from service.labelstudio import LabelStudioClient, Task
+from service.labelstudio import LabelStudioClient, PredictionIn, Task
 from service.model import ImagePrediction, SegmentationModel
 from service.queue import Job, JobQueue
 from service.results import BrushTarget, build_prediction
@@ -183,9 +194,12 @@ class Worker:
                 await _first(self._freed.wait(), stop.wait())
                 continue
             jobs = await asyncio.to_thread(self.queue.claim, free)
+            by_project: dict[int, list[Job]] = {}
             for job in jobs:
                 self.busy += 1
-                self._spawn(self._prepare(job))
+                by_project.setdefault(job.project, []).append(job)
+            for project, group in by_project.items():
+                self._spawn(self._prepare_group(project, group))
             if jobs:
                 continue
             await self._wait(stop)
@@ -279,16 +293,32 @@ class Worker:
 
     # ------------------------------------------------------------------ stages
 
-    async def _prepare(self, job: Job) -> None:
+    async def _prepare_group(self, project: int, jobs: list[Job]) -> None:
+        """Read the group's tasks in one request, then fetch each image on its own."""
         started = self.clock()
-        handed_over = False
+        unsettled = {job.id: job for job in jobs}
         try:
-            settle = job.created_at + self.settings.settle_s - self.clock()
+            settle = max(job.created_at for job in jobs) + self.settings.settle_s - self.clock()
             if settle > 0:
                 await asyncio.sleep(settle)
             async with self._io:
+                outcomes = await self._read(project, jobs)
+            for job, outcome in outcomes:
+                del unsettled[job.id]
+                if isinstance(outcome, BaseException):
+                    await self._conclude(job, outcome, started)
+                else:
+                    self._spawn(self._prepare(job, outcome, started))
+        except BaseException as exc:
+            for job in unsettled.values():
+                await self._conclude(job, exc, started, reraise=False)
+            raise
+
+    async def _prepare(self, job: Job, task: Task, started: float) -> None:
+        handed_over = False
+        try:
+            async with self._io:
                 target = self._target(job)
-                task = await self._task(job)
                 url = task.data.get(target.data_key)
                 if not isinstance(url, str) or not url:
                     raise _Permanent(f"task has no image URL under data key {target.data_key!r}")
@@ -307,14 +337,55 @@ class Worker:
             if not handed_over:
                 self._settled_one()
 
-    async def _task(self, job: Job) -> Task:
-        """Re-read the task; skip it if a person annotated it or this version predicted it."""
+    async def _read(self, project: int, jobs: list[Job]) -> list[tuple[Job, Task | BaseException]]:
+        """Each job's task, re-read from Label Studio and checked (see ``_checked``), or why not.
+
+        One list request for the group; a task missing from its answer, or every task when the
+        request fails while Label Studio itself answers, is read on its own, so one bad task
+        fails alone. When Label Studio as a whole is unusable every job gets that error.
+        """
+        found: dict[int, Task] | None = None
         try:
-            task = await self.client.get_task(job.task)
+            found = await self.client.get_tasks(project, [job.task for job in jobs])
+        except (RetryableError, AuthError) as exc:
+            if await self._label_studio_down():
+                return [(job, exc) for job in jobs]
+            log.warning(
+                "project %s: group read of %d tasks failed, reading one by one: %s",
+                project,
+                len(jobs),
+                exc,
+            )
+        except AutosegError as exc:
+            log.warning(
+                "project %s: group read of %d tasks failed, reading one by one: %s",
+                project,
+                len(jobs),
+                exc,
+            )
+        outcomes: list[tuple[Job, Task | BaseException]] = []
+        for job in jobs:
+            try:
+                task = found.get(job.task) if found is not None else None
+                if task is None:
+                    task = await self._task(job)
+                outcomes.append((job, self._checked(job, task)))
+            except Exception as exc:
+                outcomes.append((job, exc))
+        return outcomes
+
+    async def _task(self, job: Job) -> Task:
+        """Read one task (a 404 within ``not_found_grace_s`` of queueing is retried)."""
+        try:
+            return await self.client.get_task(job.task)
         except NotFoundError as exc:
             if self.clock() - job.created_at < self.settings.not_found_grace_s:
                 raise _NotYet(f"task {job.task} not found yet (import not committed?)") from exc
             raise
+
+    def _checked(self, job: Job, task: Task) -> Task:
+        """The task, unless it belongs elsewhere, a person annotated it or this version
+        predicted it."""
         if task.project is not None and task.project != job.project:
             raise _Permanent(f"task {job.task} belongs to project {task.project}")
         if is_annotated(task):
@@ -354,36 +425,111 @@ class Worker:
             if self.metrics:
                 self.metrics.inference(len(batch), time.perf_counter() - began)
             await asyncio.to_thread(_trim_heap)
+            by_project: dict[int, list[tuple[_Prepared, ImagePrediction | str]]] = {}
             for item, result in zip(batch, results, strict=True):
-                self._spawn(self._post(item, result))
+                by_project.setdefault(item.job.project, []).append((item, result))
+            for project, group in by_project.items():
+                self._spawn(self._post_group(project, group))
 
-    async def _post(self, item: _Prepared, result: ImagePrediction | str) -> None:
-        job = item.job
+    async def _post_group(
+        self, project: int, group: list[tuple[_Prepared, ImagePrediction | str]]
+    ) -> None:
+        """Encode one batch's masks, re-check its tasks and post the predictions in one request.
+
+        Just before posting, the tasks are read once more: a person may have started
+        meanwhile, and a POST of an earlier attempt may have landed although it timed out.
+        The POST is tried once: a timeout sends the jobs back to the queue, whose retry
+        re-checks first, so nothing is posted twice.
+        """
+        unsettled = {item.job.id: item for item, _ in group}
+
+        async def conclude(item: _Prepared, outcome: BaseException | str) -> None:
+            del unsettled[item.job.id]
+            await self._conclude(item.job, outcome, item.started)
+
         try:
-            if isinstance(result, str):
-                raise _Permanent(result)
-            target = self._target(job)
-            masks = {m.label: m.mask for m in result.kept}
-            prediction = await asyncio.to_thread(
-                build_prediction,
-                job.task,
-                masks,
-                result.width,
-                result.height,
-                target,
-                score=self.settings.prediction.score,
-                model_version=self.settings.prediction.model_version,
-            )
+            built: list[tuple[_Prepared, PredictionIn]] = []
+            for item, result in group:
+                try:
+                    built.append((item, await self._build(item, result)))
+                except Exception as exc:
+                    await conclude(item, exc)
+            if not built:
+                return
             async with self._io:
-                # Once more just before posting: a person may have started meanwhile, and a
-                # POST of an earlier attempt may have landed although it timed out.
-                await self._task(job)
-                prediction_id = await self.client.create_prediction(prediction, retry=False)
-            await self._finish(job, "done", f"prediction {prediction_id}", item.started)
+                checked = await self._read(project, [item.job for item, _ in built])
+                to_post: list[tuple[_Prepared, PredictionIn]] = []
+                for (item, prediction), (_, outcome) in zip(built, checked, strict=True):
+                    if isinstance(outcome, BaseException):
+                        await conclude(item, outcome)
+                    else:
+                        to_post.append((item, prediction))
+                outcomes = await self._post(project, to_post)
+            for (item, _), posted in zip(to_post, outcomes, strict=True):
+                await conclude(item, posted)
         except BaseException as exc:
-            await self._settle(job, exc, item.started)
-        finally:
-            self._settled_one()
+            for item in list(unsettled.values()):
+                await self._conclude(item.job, exc, item.started, reraise=False)
+            raise
+
+    async def _build(self, item: _Prepared, result: ImagePrediction | str) -> PredictionIn:
+        if isinstance(result, str):
+            raise _Permanent(result)
+        target = self._target(item.job)
+        return await asyncio.to_thread(
+            build_prediction,
+            item.job.task,
+            {m.label: m.mask for m in result.kept},
+            result.width,
+            result.height,
+            target,
+            score=self.settings.prediction.score,
+            model_version=self.settings.prediction.model_version,
+        )
+
+    async def _post(
+        self, project: int, items: list[tuple[_Prepared, PredictionIn]]
+    ) -> list[BaseException | str]:
+        """Post checked predictions; one outcome each: the done reason, or the error."""
+        if not items:
+            return []
+        predictions = [prediction for _, prediction in items]
+        try:
+            created = await self.client.import_predictions(project, predictions, retry=False)
+        except (RetryableError, AuthError) as exc:
+            return [exc] * len(items)  # may have landed: the retry re-checks first
+        except AutosegError as exc:
+            # Refused as a whole (nothing stored): one by one, so one bad task fails alone.
+            log.warning(
+                "project %s: bulk post of %d predictions refused, posting one by one: %s",
+                project,
+                len(items),
+                exc,
+            )
+            return [await self._post_one(prediction) for prediction in predictions]
+        if created == len(items):
+            return [f"prediction posted (bulk of {created})"] * len(items)
+        # Label Studio drops what does not fit the label config without an error: find which.
+        try:
+            stored = await self.client.get_tasks(project, [p.task for p in predictions])
+        except AutosegError as exc:
+            return [exc] * len(items)
+        version = self.settings.prediction.model_version
+        return [
+            f"prediction posted (bulk of {len(items)})"
+            if p.task in stored and has_version(stored[p.task], version)
+            else _Permanent(
+                "Label Studio did not store the prediction and gave no error (does the "
+                "result fit the project's label config?)"
+            )
+            for p in predictions
+        ]
+
+    async def _post_one(self, prediction: PredictionIn) -> BaseException | str:
+        try:
+            return f"prediction {await self.client.create_prediction(prediction, retry=False)}"
+        except Exception as exc:
+            return exc
 
     def _target(self, job: Job) -> BrushTarget:
         target = self.targets.get(job.project)
@@ -392,6 +538,23 @@ class Worker:
         return target
 
     # ------------------------------------------------------------------ outcomes
+
+    async def _conclude(
+        self, job: Job, outcome: BaseException | str, started: float, *, reraise: bool = True
+    ) -> None:
+        """Settle a held job: ``done`` with the reason a string gives, else by the exception.
+        A cancel releases the job (re-raised unless ``reraise`` is false)."""
+        try:
+            if isinstance(outcome, str):
+                await self._finish(job, "done", outcome, started)
+            else:
+                try:
+                    await self._settle(job, outcome, started)
+                except BaseException:
+                    if reraise:
+                        raise
+        finally:
+            self._settled_one()
 
     async def _settle(self, job: Job, exc: BaseException, started: float) -> None:
         """Turn an exception into the job's next state; never raises (but re-raises cancel)."""

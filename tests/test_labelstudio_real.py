@@ -206,6 +206,37 @@ def test_250_tasks_are_paged_completely_and_filtered(ls_client: MakeClient) -> N
     asyncio.run(run())
 
 
+def test_get_tasks_reads_the_named_tasks_of_one_project_in_full(ls_client: MakeClient) -> None:
+    async def run() -> None:
+        async with ls_client() as ls:
+            project = await new_brush_project(ls)
+            other = await new_brush_project(ls)
+            tasks = [{"data": {"image": f"/data/upload/0/{i}.png"}} for i in range(130)]
+            ids = await ls.import_tasks(project.id, tasks)
+            (foreign,) = await ls.import_tasks(other.id, tasks[:1])
+            await ls.create_annotation(ids[3], brush_result())
+            await ls.create_prediction(PredictionIn(ids[4], brush_result(), 0.5, "v9"))
+            # more than one request's worth (100), in no particular order, with a duplicate,
+            # a task of another project and one that does not exist
+            wanted = [*reversed(ids[:120]), ids[5], foreign, max(ids) + 10_000]
+            found = await ls.get_tasks(project.id, wanted)
+            assert sorted(found) == sorted(ids[:120])
+            assert all(
+                found[i].data["image"] == t["data"]["image"]
+                for i, t in zip(ids[:120], tasks, strict=False)
+            )
+            annotated = found[ids[3]]
+            assert annotated.annotations is not None and len(annotated.annotations) == 1
+            predicted = found[ids[4]]
+            assert predicted.predictions is not None
+            assert [p.model_version for p in predicted.predictions] == ["v9"]
+            plain = found[ids[5]]
+            assert plain.annotations is not None and len(plain.annotations) == 0
+            assert await ls.get_tasks(project.id, []) == {}
+
+    asyncio.run(run())
+
+
 def test_files_with_odd_names_round_trip(ls_client: MakeClient) -> None:
     files = [("img 0.jpg", os.urandom(3000)), ("façade ü.png", os.urandom(2000))]
 
