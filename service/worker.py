@@ -46,7 +46,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -60,6 +60,7 @@ from service.results import BrushTarget, build_prediction
 from service.upload import has_version, is_annotated
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 @functools.cache
@@ -141,9 +142,15 @@ class Worker:
         # Jobs held at once (claimed, not yet settled): enough to keep downloads, one batch in
         # the model and posts all busy, few enough that a crash re-queues little.
         self._capacity = settings.concurrency * 2 + model.config.batch_size * 2
+        # Claim in groups of at least a model batch while others are held: every claim costs
+        # Label Studio one task-list request, whose fixed cost dominates a group of one.
+        self._claim_min = min(self._capacity, model.config.batch_size)
+        self._post_max = model.config.batch_size * 4  # predictions per bulk post, at most
         self.busy = 0
         self._freed = asyncio.Event()  # set when a held job is settled: room to claim
         self._ready: asyncio.Queue[_Prepared] = asyncio.Queue()
+        self._results: asyncio.Queue[tuple[_Prepared, ImagePrediction | str]] = asyncio.Queue()
+        self._posting: list[tuple[_Prepared, ImagePrediction | str]] = []  # in a post now
         self._tasks: set[asyncio.Task[None]] = set()
         self._io = asyncio.Semaphore(settings.concurrency)
         self._batch: list[_Prepared] = []  # in the model right now
@@ -159,11 +166,14 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and process jobs until ``stop`` is set; then finish or release what is held."""
-        infer = asyncio.create_task(self._infer_loop(), name="infer")
+        loops = [
+            asyncio.create_task(self._infer_loop(), name="infer"),
+            asyncio.create_task(self._post_loop(), name="post"),
+        ]
         try:
             await self._claim_loop(stop)
         finally:
-            await self._shutdown(infer)
+            await self._shutdown(loops)
 
     async def run_until_idle(self) -> None:
         """Process until no job is queued or running (backfill): retries included."""
@@ -188,7 +198,7 @@ class Worker:
                 await self._probe(stop)
                 continue
             free = self._capacity - self.busy
-            if free <= 0:
+            if free <= 0 or (self.busy > 0 and free < self._claim_min):
                 # Full: wait for a held job to settle (not for the queue: it has work due).
                 self._freed.clear()
                 await _first(self._freed.wait(), stop.wait())
@@ -272,24 +282,32 @@ class Worker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _shutdown(self, infer: asyncio.Task[None]) -> None:
+    async def _shutdown(self, loops: list[asyncio.Task[None]]) -> None:
         """Let jobs in flight finish for a while, then cancel them (they are released)."""
         deadline = time.monotonic() + self.settings.shutdown_grace_s
-        while (self._tasks or self._batch or not self._ready.empty()) and (
-            time.monotonic() < deadline
-        ):
+        while self._in_flight() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        infer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await infer
-        # Prepared images that never reached the model go back to the queue unused.
-        while not self._ready.empty():
-            item = self._ready.get_nowait()
+        for loop in loops:
+            loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+        # Images that never reached the model, results never posted: back to the queue unused.
+        left = _drain(self._ready) + [item for item, _ in _drain(self._results)]
+        for item in left:
             await self._release(item.job)
             self._settled_one()
+
+    def _in_flight(self) -> bool:
+        return bool(
+            self._tasks
+            or self._batch
+            or self._posting
+            or not self._ready.empty()
+            or not self._results.empty()
+        )
 
     # ------------------------------------------------------------------ stages
 
@@ -425,11 +443,33 @@ class Worker:
             if self.metrics:
                 self.metrics.inference(len(batch), time.perf_counter() - began)
             await asyncio.to_thread(_trim_heap)
-            by_project: dict[int, list[tuple[_Prepared, ImagePrediction | str]]] = {}
             for item, result in zip(batch, results, strict=True):
+                self._results.put_nowait((item, result))
+
+    async def _post_loop(self) -> None:
+        """Post results in groups: whatever waits (up to ``_post_max``) goes in one request, so
+        posts grow with the load instead of one per model batch."""
+        while True:
+            group = [await self._results.get()]
+            while len(group) < self._post_max and not self._results.empty():
+                group.append(self._results.get_nowait())
+            by_project: dict[int, list[tuple[_Prepared, ImagePrediction | str]]] = {}
+            for item, result in group:
                 by_project.setdefault(item.job.project, []).append((item, result))
-            for project, group in by_project.items():
-                self._spawn(self._post_group(project, group))
+            pending = list(by_project.items())
+            self._posting = group
+            try:
+                while pending:
+                    await self._post_group(*pending[0])  # settles each item, even if cancelled
+                    pending.pop(0)
+            except asyncio.CancelledError:
+                for _, items in pending[1:]:  # never handed to _post_group
+                    for item, _ in items:
+                        await self._release(item.job)
+                        self._settled_one()
+                raise
+            finally:
+                self._posting = []
 
     async def _post_group(
         self, project: int, group: list[tuple[_Prepared, ImagePrediction | str]]
@@ -605,6 +645,13 @@ class Worker:
     async def _release(self, job: Job, reason: str | None = None) -> None:
         with contextlib.suppress(Exception):
             await asyncio.shield(asyncio.to_thread(self.queue.release, job.id, reason))
+
+
+def _drain(queue: asyncio.Queue[_T]) -> list[_T]:
+    items: list[_T] = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
 
 
 async def _first(*waits: Coroutine[Any, Any, Any], timeout: float | None = None) -> None:
