@@ -416,18 +416,20 @@ class Worker:
         batch_size = self.model.config.batch_size
         while True:
             batch = [await self._ready.get()]
-            deadline = time.monotonic() + self.settings.batch_wait_s
-            while len(batch) < batch_size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 and self._ready.empty():
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._ready.get(), max(remaining, 0)))
-                except TimeoutError:
-                    break
-            began = time.perf_counter()
+            # From here until the results are queued for posting, the batch is only here:
+            # ``_batch`` tells shutdown so, and a cancel gives its jobs back to the queue.
             self._batch = batch
             try:
+                deadline = time.monotonic() + self.settings.batch_wait_s
+                while len(batch) < batch_size:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 and self._ready.empty():
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._ready.get(), max(remaining, 0)))
+                    except TimeoutError:
+                        break
+                began = time.perf_counter()
                 results = await asyncio.to_thread(
                     self.model.predict_each,
                     [item.image for item in batch],
@@ -440,11 +442,11 @@ class Worker:
                 raise
             finally:
                 self._batch = []
+            for item, result in zip(batch, results, strict=True):
+                self._results.put_nowait((item, result))
             if self.metrics:
                 self.metrics.inference(len(batch), time.perf_counter() - began)
             await asyncio.to_thread(_trim_heap)
-            for item, result in zip(batch, results, strict=True):
-                self._results.put_nowait((item, result))
 
     async def _post_loop(self) -> None:
         """Post results in groups: whatever waits (up to ``_post_max``) goes in one request, so
