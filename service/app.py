@@ -2,13 +2,14 @@
 
 Label Studio sends each ``TASKS_CREATED`` webhook once, with a 1 s timeout, and never
 retries. So the handler does the least that makes the event safe: it checks the shared
-secret, reads the project id and task ids, records one job per task in the durable queue,
+secret, reads the project id and task ids, records them durably in the queue's inbox (one
+row per body; the worker's next claim turns them into one job per task, repeats dropped),
 wakes the worker and answers. Everything slow happens in the worker.
 
 Routes::
 
     POST /webhook   401 bad secret, 413 too large, 400 malformed, 503 queue unavailable;
-                    200 {"queued": n, "duplicates": m} | 200 {"ignored": ...}
+                    200 {"queued": n} (n task ids made durable) | 200 {"ignored": ...}
                     | 202 {"reconcile": project id or "all"} (sent without payload)
     GET  /health    200 {"status": "alive"}: the process answers (liveness)
     GET  /ready     200/503 {"ready": bool, "checks": {...}}: model, Label Studio, token
@@ -364,7 +365,9 @@ def create_app(
         ids = event.task_ids
         try:
             # Durable before we answer: Label Studio will never send this event again.
-            new = await asyncio.to_thread(queue.enqueue, event.project, ids, settings.model_version)
+            accepted = await asyncio.to_thread(
+                queue.accept, event.project, ids, settings.model_version
+            )
         except (RetryableError, ConfigError) as exc:
             log.error(
                 "project %d: cannot queue %d task(s) from a webhook: %s",
@@ -375,14 +378,14 @@ def create_app(
             metrics.webhook("error")
             return _error(503, "job queue unavailable")
         metrics.webhook("queued")
-        metrics.jobs_queued(new)
-        if new:
+        metrics.task_ids_accepted(accepted)
+        if accepted:
             try:
                 hooks.wake()
             except Exception:
                 # The jobs are durable; the worker finds them on its next poll.
                 log.exception("project %d: waking the worker failed", event.project)
-        return JSONResponse({"queued": new, "duplicates": len(ids) - new})
+        return JSONResponse({"queued": accepted})
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "alive"})

@@ -54,9 +54,10 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
-        self.jobs_enqueued = Counter(
-            "ls_autoseg_jobs_enqueued_total",
-            "Jobs newly added to the queue by webhooks (duplicates not counted).",
+        self.webhook_task_ids = Counter(
+            "ls_autoseg_webhook_task_ids_total",
+            "Task ids made durable from TASKS_CREATED webhooks (a repeated id counts again; "
+            "the queue keeps one job per task).",
             registry=self.registry,
         )
         self.jobs_finished = Counter(
@@ -107,8 +108,8 @@ class Metrics:
             raise ValueError(f"unknown webhook outcome {outcome!r}; one of {WEBHOOK_OUTCOMES}")
         self.webhooks.labels(outcome=outcome).inc()
 
-    def jobs_queued(self, count: int) -> None:
-        self.jobs_enqueued.inc(count)
+    def task_ids_accepted(self, count: int) -> None:
+        self.webhook_task_ids.inc(count)
 
     def job_finished(self, state: str, seconds: float) -> None:
         """A job reached done, skipped or failed ``seconds`` after it was claimed."""

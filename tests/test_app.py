@@ -260,11 +260,13 @@ def test_settings_from_config(repo_config: Config) -> None:
 def test_tasks_created_queues_durably_and_wakes_the_worker(service: Service) -> None:
     response = service.post(webhook_body((11, 12, 13)))
     assert response.status_code == 200
-    assert response.json() == {"queued": 3, "duplicates": 0}
+    assert response.json() == {"queued": 3}
     assert service.hooks.wakes == 1
-    # A second connection on the same file sees the jobs: they were committed before the answer.
+    # A second connection on the same file sees the jobs: they were committed before the answer
+    # (in the inbox; the claim of a worker, or expand, makes them jobs).
     with SQLiteJobQueue(service.db_path) as reopened:
         assert reopened.counts()[JobState.QUEUED] == 3
+        assert reopened.expand() == 3
         for task in (11, 12, 13):
             job = reopened.get(PROJECT, task, MODEL_VERSION)
             assert job is not None
@@ -273,25 +275,24 @@ def test_tasks_created_queues_durably_and_wakes_the_worker(service: Service) -> 
 
 def test_repeated_delivery_queues_each_task_once(service: Service) -> None:
     answers = [service.post(webhook_body((1, 2, 3))).json() for _ in range(10)]
-    assert answers[0] == {"queued": 3, "duplicates": 0}
-    assert answers[1:] == [{"queued": 0, "duplicates": 3}] * 9
+    assert answers == [{"queued": 3}] * 10
+    assert service.queue.expand() == 3
     assert service.queued() == 3
-    assert service.hooks.wakes == 1  # nothing new, no wake-up
 
 
 def test_overlapping_webhooks_and_other_projects(service: Service) -> None:
-    assert service.post(webhook_body((1, 2, 3))).json() == {"queued": 3, "duplicates": 0}
-    assert service.post(webhook_body((3, 4))).json() == {"queued": 1, "duplicates": 1}
+    assert service.post(webhook_body((1, 2, 3))).json() == {"queued": 3}
+    assert service.post(webhook_body((3, 4))).json() == {"queued": 2}
     # Same task id in another project is another job.
-    assert service.post(webhook_body((1,), project=OTHER_PROJECT)).json() == {
-        "queued": 1,
-        "duplicates": 0,
-    }
+    assert service.post(webhook_body((1,), project=OTHER_PROJECT)).json() == {"queued": 1}
+    assert service.queue.expand() == 5
     assert service.queued() == 5
+    jobs = [service.queue.get(p, t, MODEL_VERSION) for p, t in [(PROJECT, 3), (OTHER_PROJECT, 1)]]
+    assert all(job is not None and job.state is JobState.QUEUED for job in jobs)
 
 
 def test_empty_task_list_is_accepted(service: Service) -> None:
-    assert service.post(webhook_body(())).json() == {"queued": 0, "duplicates": 0}
+    assert service.post(webhook_body(())).json() == {"queued": 0}
     assert service.hooks.wakes == 0
 
 
@@ -301,12 +302,14 @@ def test_five_thousand_tasks_in_one_webhook(service: Service) -> None:
     assert len(json.dumps(body)) > PARSE_IN_THREAD_BYTES  # takes the parse-in-a-thread path
     response = service.post(body)
     assert response.status_code == 200
-    assert response.json() == {"queued": 5000, "duplicates": 0}
+    assert response.json() == {"queued": 5000}
     with SQLiteJobQueue(service.db_path) as reopened:
+        assert reopened.expand() == 5000
         assert reopened.counts()[JobState.QUEUED] == 5000
         assert reopened.get(PROJECT, 100_001, MODEL_VERSION) is not None
         assert reopened.get(PROJECT, 105_000, MODEL_VERSION) is not None
-    assert service.post(body).json() == {"queued": 0, "duplicates": 5000}
+    assert service.post(body).json() == {"queued": 5000}
+    assert service.queue.expand() == 0  # all repeats
     service.assert_alive()
 
 
@@ -323,7 +326,7 @@ def test_queue_unavailable_is_503_and_the_service_recovers(make_service: MakeSer
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    assert svc.post(webhook_body()).json() == {"queued": 3, "duplicates": 0}
+    assert svc.post(webhook_body()).json() == {"queued": 3}
 
 
 # --------------------------------------------------------------------------- bad requests
@@ -614,7 +617,7 @@ def _scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]],
 def test_metrics_count_webhook_outcomes_and_jobs(make_service: MakeService) -> None:
     svc = make_service(max_body_bytes=5000)
     svc.post(webhook_body((1, 2, 3)))  # queued
-    svc.post(webhook_body((3, 4)))  # queued (1 new)
+    svc.post(webhook_body((3, 4)))  # queued (1 new, 1 repeat)
     svc.post(webhook_body((5,)), headers={})  # unauthorized
     svc.client.post("/webhook", content=b"{", headers=AUTH)  # bad_request
     svc.client.post("/webhook", content=b" " * 6000, headers=AUTH)  # too_large
@@ -637,7 +640,7 @@ def test_metrics_count_webhook_outcomes_and_jobs(make_service: MakeService) -> N
     assert webhooks("ignored") == 2
     assert webhooks("reconcile") == 1
     assert webhooks("error") == 0
-    assert values[("ls_autoseg_jobs_enqueued_total", ())] == 4
+    assert values[("ls_autoseg_webhook_task_ids_total", ())] == 5
     # The gauge is read from the queue at scrape time.
     assert values[("ls_autoseg_jobs", (("state", "queued"),))] == 3
     assert values[("ls_autoseg_jobs", (("state", "done"),))] == 1

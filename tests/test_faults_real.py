@@ -280,7 +280,8 @@ def test_bad_images_and_bad_webhooks_fail_alone(start_env: StartEnv, ls_client: 
     }
     for _ in range(10):
         answer = service.webhook(again)
-        assert answer.status_code == 200 and answer.json()["queued"] == 0
+        # Accepted again (made durable as given); the queue keeps one job per task.
+        assert answer.status_code == 200 and answer.json()["queued"] == len(tasks)
     time.sleep(2)
     assert_correct(
         [t for t in tasks_of(ls_client, env.project) if t.id not in bad.values()], pictures, set()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import ConfigError, RetryableError
-from service.queue import Job, JobQueue, JobState, SQLiteJobQueue
+from service.queue import SCHEMA_VERSION, Job, JobQueue, JobState, SQLiteJobQueue
 
 T0 = 1_700_000_000.0
 
@@ -93,6 +93,9 @@ CHILD = textwrap.dedent(
         os.kill(os.getpid(), signal.SIGKILL)
     elif mode == "enqueue-and-die":
         queue.enqueue(7, range(1, int(arg) + 1), "v1")
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif mode == "accept-and-die":
+        queue.accept(7, range(1, int(arg) + 1), "v1")
         os.kill(os.getpid(), signal.SIGKILL)
     elif mode == "claim-all":
         print("ready", flush=True)
@@ -229,7 +232,7 @@ def test_the_database_uses_wal_with_full_sync(queue: SQLiteJobQueue, db_path: Pa
     conn = sqlite3.connect(db_path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     finally:
         conn.close()
     # synchronous is per connection, so only the queue's own connection can tell.
@@ -654,9 +657,9 @@ def test_a_file_that_is_not_a_database_is_a_config_error(tmp_path: Path) -> None
 def test_a_database_from_a_newer_version_is_a_config_error(db_path: Path) -> None:
     SQLiteJobQueue(db_path).close()
     conn = sqlite3.connect(db_path)
-    conn.execute("PRAGMA user_version = 2")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
-    with pytest.raises(ConfigError, match="schema version 2"):
+    with pytest.raises(ConfigError, match=f"schema version {SCHEMA_VERSION + 1}"):
         SQLiteJobQueue(db_path)
 
 
@@ -680,3 +683,98 @@ def test_constructor_rejects_bad_settings(db_path: Path) -> None:
         SQLiteJobQueue(db_path, max_attempts=0)
     with pytest.raises(ValueError, match="busy_timeout_s"):
         SQLiteJobQueue(db_path, busy_timeout_s=-1)
+
+
+# -- the inbox: accept now, expand into jobs later -------------------------------------------
+
+
+def test_accepted_ids_survive_a_kill_and_become_jobs_on_the_next_claim(db_path: Path) -> None:
+    result = run_child("accept-and-die", db_path, 5000)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert all_rows(db_path) == []  # not expanded: still in the inbox
+    with SQLiteJobQueue(db_path) as queue:
+        assert queue.pending() == 5000
+        assert queue.counts()[JobState.QUEUED] == 5000
+        claimed = queue.claim(10)
+        assert [job.task for job in claimed] == list(range(1, 11))
+        assert queue.counts()[JobState.QUEUED] == 4990
+    rows = all_rows(db_path)
+    assert len(rows) == 5000 and {row[1] for row in rows} == set(range(1, 5001))
+
+
+def test_expand_drops_repeats_and_dates_jobs_when_accepted(make_queue: MakeQueue) -> None:
+    now = [1000.0]
+    queue = make_queue(clock=lambda: now[0])
+    assert queue.accept(3, [1, 2, 3], "v1") == 3
+    now[0] = 1001.0
+    assert queue.accept(3, [3, 4], "v1") == 2
+    assert queue.accept(5, [1], "v1") == 1  # another project: another job
+    queue.enqueue(3, [4], "v1")  # already queued directly (reconcile)
+    assert queue.accept(3, [], "v1") == 0
+    assert queue.next_due() == 1000.0  # the oldest accepted id is due
+    assert queue.pending() == 3 + 2 + 1 + 1
+    now[0] = 1050.0
+    assert queue.expand(max_rows=1) == 3  # the oldest row: 1, 2, 3
+    assert queue.pending() == 3 + 2 + 1 + 1
+    assert queue.expand() == 1  # project 5's 1; 3 and 4 were there
+    assert queue.expand() == 0
+    assert queue.pending() == 5
+    jobs = {(j.project, j.task): j for j in queue.claim(10)}
+    assert sorted(jobs) == [(3, 1), (3, 2), (3, 3), (3, 4), (5, 1)]
+    assert jobs[(3, 1)].created_at == 1000.0 and jobs[(5, 1)].created_at == 1001.0
+    assert jobs[(3, 4)].created_at == 1001.0  # enqueued before its accepted copy expanded
+
+
+def test_accept_checks_its_arguments_like_enqueue(queue: SQLiteJobQueue) -> None:
+    for args in [(0, [1], "v1"), (1, [0], "v1"), (1, [1], ""), (1, "12", "v1"), (1, [True], "v1")]:
+        with pytest.raises(ValueError):
+            queue.accept(*args)  # type: ignore[arg-type]
+    assert queue.pending() == 0
+
+
+def test_accepts_and_claims_in_parallel_threads_lose_and_repeat_nothing(
+    make_queue: MakeQueue,
+) -> None:
+    queue = make_queue()
+    claimed: list[int] = []
+    done = threading.Event()
+
+    def accept(start: int) -> None:
+        for first in range(start, start + 2000, 200):
+            queue.accept(1, list(range(first, first + 200)), "v1")
+            queue.accept(1, list(range(first, first + 100)), "v1")  # a repeat
+
+    def claim() -> None:
+        while not done.is_set() or queue.counts()[JobState.QUEUED]:
+            claimed.extend(job.task for job in queue.claim(50))
+
+    threads = [threading.Thread(target=accept, args=(s,)) for s in (1, 2001, 4001)]
+    claimer = threading.Thread(target=claim)
+    claimer.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done.set()
+    claimer.join(timeout=60)
+    assert sorted(claimed) == list(range(1, 6001))
+
+
+def test_a_version_1_database_gets_the_inbox(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute(
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY, project INTEGER NOT NULL, task INTEGER NOT"
+        " NULL, model_version TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL"
+        " DEFAULT 0, reason TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,"
+        " not_before REAL NOT NULL)"
+    )
+    conn.execute(
+        "INSERT INTO jobs (project, task, model_version, state, created_at, updated_at,"
+        " not_before) VALUES (1, 9, 'v1', 'queued', 0, 0, 0)"
+    )
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with SQLiteJobQueue(db_path) as queue:
+        queue.accept(1, [9, 10], "v1")
+        assert sorted(job.task for job in queue.claim(5)) == [9, 10]
