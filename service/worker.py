@@ -2,15 +2,16 @@
 
 Three stages overlap so the model is never idle while there is work:
 
-- *prepare*: the jobs claimed together are re-read from Label Studio in one list request per
-  project (the webhook body is never trusted for URLs); a task a person annotated or that
+- *prepare*: the jobs claimed together (at least a model batch while others are in flight)
+  are re-read from Label Studio in one list request per project (the webhook body is never trusted for URLs); a task a person annotated or that
   holds a prediction of this model_version is skipped; then each image is downloaded (up to
   ``concurrency`` at once) and decoded;
 - *infer* (one at a time): batch the prepared images, up to ``model.batch_size``, waiting only
   ``batch_wait_s`` for a batch to fill, and run the model in a thread;
-- *post*: encode the batch's masks, re-read its tasks in one request (annotated meanwhile?
-  posted by an earlier attempt whose answer was lost?) and post the predictions in one bulk
-  request, tried once.
+- *post* (one group at a time): take whatever results wait (up to four model batches),
+  encode their masks, re-read their tasks in one request (annotated meanwhile? posted by an
+  earlier attempt whose answer was lost?) and post the predictions in one bulk request,
+  tried once.
 
 Label Studio's own CPU is the bottleneck of this service (it answers on one process):
 per task, ``GET /api/tasks/{id}/`` costs it ~60 ms and ``POST /api/predictions/`` ~45 ms,
