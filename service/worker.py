@@ -3,9 +3,10 @@
 Three stages overlap so the model is never idle while there is work:
 
 - *prepare*: the jobs claimed together (at least a model batch while others are in flight)
-  are re-read from Label Studio in one list request per project (the webhook body is never trusted for URLs); a task a person annotated or that
-  holds a prediction of this model_version is skipped; then each image is downloaded (up to
-  ``concurrency`` at once) and decoded;
+  are re-read from Label Studio in one list request per project (the webhook body is never
+  trusted for URLs); a task a person annotated or that holds a prediction of this
+  model_version is skipped; then each image is downloaded (up to ``concurrency`` at once)
+  and decoded;
 - *infer* (one at a time): batch the prepared images, up to ``model.batch_size``, waiting only
   ``batch_wait_s`` for a batch to fill, and run the model in a thread;
 - *post* (one group at a time): take whatever results wait (up to four model batches),
@@ -431,11 +432,16 @@ class Worker:
                     except TimeoutError:
                         break
                 began = time.perf_counter()
-                results = await asyncio.to_thread(
-                    self.model.predict_each,
-                    [item.image for item in batch],
-                    self.settings.prediction,
-                )
+                try:
+                    results = await asyncio.to_thread(
+                        self.model.predict_each,
+                        [item.image for item in batch],
+                        self.settings.prediction,
+                    )
+                except Exception as exc:  # a bug, not a bad image: fail the batch, go on
+                    log.exception("model failed on a batch of %d", len(batch))
+                    reason = f"internal error in the model: {type(exc).__name__}: {exc}"
+                    results = [reason] * len(batch)
             except asyncio.CancelledError:
                 for item in batch:
                     await self._release(item.job)
@@ -463,7 +469,10 @@ class Worker:
             self._posting = group
             try:
                 while pending:
-                    await self._post_group(*pending[0])  # settles each item, even if cancelled
+                    try:
+                        await self._post_group(*pending[0])  # settles each item, even on errors
+                    except Exception:
+                        log.exception("posting a group for project %s failed", pending[0][0])
                     pending.pop(0)
             except asyncio.CancelledError:
                 for _, items in pending[1:]:  # never handed to _post_group
@@ -586,16 +595,27 @@ class Worker:
         self, job: Job, outcome: BaseException | str, started: float, *, reraise: bool = True
     ) -> None:
         """Settle a held job: ``done`` with the reason a string gives, else by the exception.
-        A cancel releases the job (re-raised unless ``reraise`` is false)."""
+
+        A cancel releases the job (re-raised unless ``reraise`` is false). Recording the outcome
+        may itself fail (the journal): that is logged and touches no other job; the job stays
+        running in the journal until the next start re-queues it (its re-check finds a
+        prediction that was posted).
+        """
         try:
             if isinstance(outcome, str):
                 await self._finish(job, "done", outcome, started)
             else:
-                try:
-                    await self._settle(job, outcome, started)
-                except BaseException:
-                    if reraise:
-                        raise
+                await self._settle(job, outcome, started)
+        except asyncio.CancelledError:
+            if reraise:
+                raise
+        except Exception:
+            log.exception(
+                "job %s project %s task %s: recording its outcome failed",
+                job.id,
+                job.project,
+                job.task,
+            )
         finally:
             self._settled_one()
 

@@ -410,6 +410,76 @@ def test_backfill_gives_up_on_a_long_outage_and_keeps_the_jobs(
     assert counts[JobState.QUEUED] == 2 and counts[JobState.FAILED] == 0
 
 
+def test_a_model_that_raises_fails_its_batch_with_the_reason_and_the_worker_goes_on(
+    queue: SQLiteJobQueue, colour_model: Callable[..., ModelConfig]
+) -> None:
+    fake = FakeLabelStudio(tasks=list(range(1, 7)))
+    model = SegmentationModel.load(colour_model(channels=1, batch_size=2))
+    real = model.predict_each
+    calls = {"n": 0}
+
+    def flaky(images: Any, prediction: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(images, prediction)
+
+    model.predict_each = flaky  # type: ignore[method-assign]
+
+    async def main() -> None:
+        async with fake_client(fake.handler) as client:
+            worker = make_worker(
+                queue, client, model, prediction=PredictionConfig(min_pixels=0), settle_s=0
+            )
+            queue.enqueue(PROJECT, fake.tasks, "v1")
+            await worker.run_until_idle()
+
+    asyncio.run(main())
+    jobs = [queue.get(PROJECT, t, "v1") for t in fake.tasks]
+    failed = [j for j in jobs if j and j.state is JobState.FAILED]
+    assert 1 <= len(failed) <= 2  # the first batch
+    assert all(
+        j.reason == "internal error in the model: RuntimeError: CUDA out of memory (simulated)"
+        for j in failed
+    )
+    assert_one_correct_prediction_each(fake, [j.task for j in jobs if j and j not in failed])
+
+
+def test_the_post_loop_survives_a_journal_error_and_posts_the_rest(
+    tmp_path: Path, colour_model: Callable[..., ModelConfig]
+) -> None:
+    class FlakyQueue(SQLiteJobQueue):
+        failed_once = False
+
+        def mark_done(self, job_id: int, reason: str | None = None) -> Any:
+            if not self.failed_once:
+                self.failed_once = True
+                raise RuntimeError("journal write failed (simulated)")
+            return super().mark_done(job_id, reason)
+
+    fake = FakeLabelStudio(tasks=list(range(1, 9)))
+    model = SegmentationModel.load(colour_model(channels=1, batch_size=2))
+
+    async def main(queue: FlakyQueue) -> None:
+        async with fake_client(fake.handler) as client:
+            worker = make_worker(
+                queue, client, model, prediction=PredictionConfig(min_pixels=0), settle_s=0
+            )
+            queue.enqueue(PROJECT, fake.tasks, "v1")
+            stop = asyncio.Event()
+            runner = asyncio.create_task(worker.run(stop))
+            await until(lambda: queue.counts()[JobState.DONE] == 7 and worker.busy == 0)
+            stop.set()
+            await runner
+
+    with FlakyQueue(tmp_path / "jobs.sqlite3") as queue:
+        asyncio.run(main(queue))
+        counts = queue.counts()
+        # The one whose journal write failed is left running: the next start re-queues it.
+        assert counts[JobState.RUNNING] == 1 and counts[JobState.FAILED] == 0
+    assert_one_correct_prediction_each(fake, fake.tasks)
+
+
 def test_a_full_worker_waits_for_a_free_slot_instead_of_polling_the_queue(
     tmp_path: Path, colour_model: Callable[..., ModelConfig]
 ) -> None:
