@@ -43,8 +43,7 @@ from service.config import ModelConfig
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 
-# Predictions are posted a batch at a time; one by one only where a batch is refused.
-POSTS = r"^/api/(predictions/?|projects/\d+/import/predictions)$"
+POSTS = r"^/api/predictions/?$"
 READS = r"^/api/tasks/(\d+/?)?$"  # a group of tasks (list), or one task
 
 
@@ -164,7 +163,7 @@ def test_error_answers_and_slow_answers(
     until(lambda: drained(env), 60, "the queue to drain")
     assert_correct(tasks, pictures, set())
     text = assert_all_settled(env, 12)
-    assert proxy.count("POST", POSTS) >= 4  # the injected failures were really hit
+    assert proxy.count("POST", POSTS) >= 12 + 2  # the injected failures were really hit
     counts, _ = service.status()
     assert counts["skipped"] >= 1, text  # a late-answered POST found on the re-check
     assert service.alive()
@@ -350,12 +349,11 @@ def test_sigkill_during_inference_or_posting_then_restart(
         time.sleep(1.0)  # the first batch is in the model (3 s a batch)
         assert proxy.count("POST", POSTS) == 0
     else:
-        # Posts go one (bulk) request at a time: the first, held, blocks the rest.
-        until(lambda: proxy.held >= 1, 60, "a held POST")
-        time.sleep(1.0)  # Label Studio has stored it
+        until(lambda: proxy.held >= 2, 60, "two held POSTs")
+        time.sleep(1.0)  # Label Studio has stored them
     service.stop(signal.SIGKILL)
     landed = sum(1 for t in tasks_of(ls_client, env.project) if t.total_predictions)
-    assert (landed == 0) if moment == "inference" else (landed >= 1)
+    assert (landed == 0) if moment == "inference" else (landed >= 2)
     proxy.clear()
     proxy.release()
 
@@ -365,5 +363,6 @@ def test_sigkill_during_inference_or_posting_then_restart(
     assert_correct(tasks, pictures, set())
     text = assert_all_settled(env, 12)
     if moment == "posting":
-        assert service.status()[0]["skipped"] == landed, text  # found, not re-posted
+        # Found, not re-posted (a POST forwarded just before the kill may land after the count).
+        assert service.status()[0]["skipped"] >= landed, text
     assert service.stop() == 0

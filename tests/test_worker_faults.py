@@ -76,7 +76,6 @@ class FakeLabelStudio:
     down: bool = False
     revoked: bool = False
     broken: set[int] = field(default_factory=set)  # reading these tasks answers 500
-    dropped: set[int] = field(default_factory=set)  # bulk imports skip these without a word
     # (method, path regex) -> answers to give first: an int status, "timeout", "timeout-after"
     # (apply the request, then time out) or "refused"
     faults: dict[tuple[str, str], list[object]] = field(default_factory=dict)
@@ -146,14 +145,6 @@ class FakeLabelStudio:
             body = json.loads(request.content)
             self.store(body)
             return httpx.Response(201, json=self.predictions[body["task"]][-1])
-        if path == f"/api/projects/{PROJECT}/import/predictions" and request.method == "POST":
-            items = json.loads(request.content)
-            if any(item["task"] not in self.tasks for item in items):
-                return httpx.Response(400, json={"detail": "task not in project"})
-            kept = [item for item in items if item["task"] not in self.dropped]
-            for item in kept:
-                self.store(item)
-            return httpx.Response(201, json={"created": len(kept)})
         return httpx.Response(404, json={"detail": f"no route {path}"})
 
     def store(self, body: dict[str, Any]) -> None:
@@ -291,20 +282,22 @@ def test_revoked_token_keeps_the_jobs_queued_with_the_reason_and_resumes(
     assert outages.changes == [True, False]
 
 
-def test_a_normal_run_reads_and_posts_in_groups(run: Run, queue: SQLiteJobQueue) -> None:
-    """Label Studio spends ~60 ms of CPU on GET /api/tasks/{id}/ and ~45 ms on one POST
-    /api/predictions/, 5-13 ms per task in a list read or a bulk import: use those."""
+def test_a_normal_run_reads_tasks_in_groups_and_posts_one_by_one(
+    run: Run, queue: SQLiteJobQueue
+) -> None:
+    """Label Studio spends ~60 ms of CPU on GET /api/tasks/{id}/, 3-8 ms per task in a list
+    read; its bulk import recounts the whole project on each call, so posts go one by one."""
     fake = FakeLabelStudio(tasks=list(range(1, 17)))
     run(fake, batch_wait_s=0.5)
     assert_one_correct_prediction_each(fake, fake.tasks)
-    singles = [r for r in fake.requests if TASK_RE.match(r.split()[1]) or "/api/predictions/" in r]
-    assert singles == []
+    assert [r for r in fake.requests if TASK_RE.match(r.split()[1])] == []
+    assert fake.requests.count("POST /api/predictions/") == 16
+    assert not any("import/predictions" in r for r in fake.requests)
     group_reads = fake.requests.count("GET /api/tasks/")
-    bulk_posts = fake.requests.count(f"POST /api/projects/{PROJECT}/import/predictions")
-    # 16 tasks, model batches of 4: a read before the model and one before each post.
-    assert 1 <= bulk_posts <= 8 and group_reads <= 2 * 8
-    reasons = {str(queue.get(PROJECT, t, "v1").reason) for t in fake.tasks}  # type: ignore[union-attr]
-    assert all(r.startswith("prediction posted (bulk of ") for r in reasons), reasons
+    # 16 tasks, model batches of 4: a read before the model and one before each post group.
+    assert 2 <= group_reads <= 2 * 4
+    reasons = [str(queue.get(PROJECT, t, "v1").reason) for t in fake.tasks]  # type: ignore[union-attr]
+    assert all(re.fullmatch(r"prediction 10\d\d", r) for r in reasons), reasons
 
 
 def test_503s_and_timeouts_are_retried_with_attempts_counted(
@@ -317,13 +310,13 @@ def test_503s_and_timeouts_are_retried_with_attempts_counted(
         ("GET", r"^/api/tasks/$"): [503, 503],
         ("GET", r"^/api/tasks/3/$"): [503, 503],
         ("GET", r"^/data/upload/7/5\.png$"): ["timeout", "timeout"],
-        ("POST", r"/import/predictions$"): [500],  # one-try POST: its jobs retry
+        ("POST", r"^/api/predictions/$"): [500],  # one-try POST: the job retries
     }
     outages = run(fake)
     assert_one_correct_prediction_each(fake, fake.tasks)
     attempts = {t: queue.get(PROJECT, t, "v1").attempts for t in fake.tasks}  # type: ignore[union-attr]
     assert attempts[3] >= 2 and attempts[5] >= 2, attempts
-    assert sum(a >= 2 for a in attempts.values()) >= 3, attempts  # + the bulk POST's batch
+    assert sum(a >= 2 for a in attempts.values()) >= 3, attempts  # + the 500's job
     assert max(attempts.values()) <= 3, attempts
     assert outages.changes == []  # Label Studio answered verify: no outage
 
@@ -332,39 +325,12 @@ def test_a_post_that_landed_but_timed_out_is_not_posted_again(
     run: Run, queue: SQLiteJobQueue
 ) -> None:
     fake = FakeLabelStudio(tasks=[1, 2, 3])
-    fake.faults = {("POST", r"/import/predictions$"): ["timeout-after"]}
+    fake.faults = {("POST", r"^/api/predictions/$"): ["timeout-after"]}
     run(fake)
     assert_one_correct_prediction_each(fake, fake.tasks)
-    reasons = [str(queue.get(PROJECT, t, "v1").reason) for t in fake.tasks]  # type: ignore[union-attr]
+    jobs = [queue.get(PROJECT, t, "v1") for t in fake.tasks]
     # The timed-out POST had landed: the retry's re-check finds it and posts nothing.
-    assert "exists" in reasons
-    assert all(r == "exists" or r.startswith("prediction posted") for r in reasons), reasons
-
-
-def test_a_bulk_post_refused_as_a_whole_is_posted_one_by_one(
-    run: Run, queue: SQLiteJobQueue
-) -> None:
-    fake = FakeLabelStudio(tasks=[1, 2, 3, 4])
-    fake.faults = {("POST", r"/import/predictions$"): [400]}
-    run(fake, batch_wait_s=0.5)
-    assert_one_correct_prediction_each(fake, fake.tasks)
-    reasons = [str(queue.get(PROJECT, t, "v1").reason) for t in fake.tasks]  # type: ignore[union-attr]
-    assert sum(r.startswith("prediction 10") for r in reasons) >= 1, reasons
-    assert fake.requests.count("POST /api/predictions/") == sum(
-        r.startswith("prediction 10") for r in reasons
-    )
-
-
-def test_a_prediction_label_studio_drops_silently_fails_with_a_reason(
-    run: Run, queue: SQLiteJobQueue
-) -> None:
-    fake = FakeLabelStudio(tasks=[1, 2, 3, 4], dropped={2})
-    run(fake, batch_wait_s=0.5)
-    assert_one_correct_prediction_each(fake, [1, 3, 4])
-    assert 2 not in fake.predictions
-    failed = queue.get(PROJECT, 2, "v1")
-    assert failed is not None and failed.state is JobState.FAILED
-    assert "did not store the prediction" in str(failed.reason)
+    assert sorted(str(j.reason)[:10] for j in jobs if j) == ["exists", "prediction", "prediction"]
 
 
 def test_a_task_that_keeps_failing_fails_alone_with_a_readable_reason(
