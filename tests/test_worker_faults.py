@@ -76,6 +76,7 @@ class FakeLabelStudio:
     down: bool = False
     revoked: bool = False
     broken: set[int] = field(default_factory=set)  # reading these tasks answers 500
+    down_after: int | None = None  # go down once this many predictions are stored
     # (method, path regex) -> answers to give first: an int status, "timeout", "timeout-after"
     # (apply the request, then time out) or "refused"
     faults: dict[tuple[str, str], list[object]] = field(default_factory=dict)
@@ -150,6 +151,8 @@ class FakeLabelStudio:
     def store(self, body: dict[str, Any]) -> None:
         stored = {**body, "id": 1000 + sum(map(len, self.predictions.values()))}
         self.predictions.setdefault(body["task"], []).append(stored)
+        if self.down_after is not None and len(self.predictions) >= self.down_after:
+            self.down, self.down_after = True, None
 
 
 @dataclass
@@ -242,15 +245,15 @@ async def until(condition: Callable[[], bool], timeout: float = 10) -> None:
 def test_label_studio_down_mid_run_spends_no_attempts_and_resumes(
     run: Run, queue: SQLiteJobQueue
 ) -> None:
-    fake = FakeLabelStudio(tasks=list(range(1, 13)))
+    # Down right after the second prediction is stored: the rest meet the outage.
+    fake = FakeLabelStudio(tasks=list(range(1, 13)), down_after=2)
 
     async def outage(fake: FakeLabelStudio, worker: Worker) -> None:
-        await until(lambda: len(fake.predictions) >= 2)
-        fake.down = True
         await until(lambda: worker.outage is not None)
         # Down for many probe intervals: far more than the queue's 4 attempts would allow.
         await asyncio.sleep(0.5)
-        assert queue.counts()[JobState.FAILED] == 0
+        failed = [j for t in fake.tasks if (j := queue.get(PROJECT, t, "v1")) and j.reason]
+        assert queue.counts()[JobState.FAILED] == 0, [(j.state, j.reason) for j in failed]
         assert "Connection refused" in worker.outage
         fake.down = False
 
