@@ -211,10 +211,6 @@ def _checked_ids(project: int, task_ids: Sequence[int], model_version: str) -> s
     return json.dumps([int(t) for t in task_ids]) if task_ids else ""
 
 
-def _json_length(ids: str) -> int:
-    return ids.count(",") + 1 if ids.strip("[] ") else 0
-
-
 def _row_to_job(row: tuple[object, ...]) -> Job:
     (
         job_id,
@@ -419,16 +415,16 @@ class SQLiteJobQueue(JobQueue):
                     return new  # the usual case: no write transaction
                 with self._write():
                     row = conn.execute(
-                        "SELECT id, project, model_version, task_ids, received_at FROM inbox"
-                        " ORDER BY id LIMIT 1"
+                        "SELECT id, project, model_version, task_ids, received_at,"
+                        " json_array_length(task_ids) FROM inbox ORDER BY id LIMIT 1"
                     ).fetchone()
                     if row is None:  # another process expanded it meanwhile
                         continue
-                    row_id, project, model_version, ids, received_at = row
+                    row_id, project, model_version, ids, received_at, given = row
                     added = self._insert_jobs(conn, project, ids, model_version, received_at)
                     conn.execute("DELETE FROM inbox WHERE id = ?", (row_id,))
             new += added
-            self._log_queued(project, added, _json_length(ids), model_version)
+            self._log_queued(project, added, given, model_version)
         return new
 
     @staticmethod
