@@ -115,7 +115,6 @@ class SkipJob(Exception):
 @dataclass
 class _Prepared:
     job: Job
-    task: Task
     image: np.ndarray
     started: float
 
@@ -348,7 +347,7 @@ class Worker:
                 max_pixels=self.settings.prediction.max_pixels,
                 name=f"task {task.id} image",
             )
-            await self._ready.put(_Prepared(job, task, image, started))
+            await self._ready.put(_Prepared(job, image, started))
             handed_over = True
         except BaseException as exc:
             await self._settle(job, exc, started)
@@ -366,16 +365,9 @@ class Worker:
         found: dict[int, Task] | None = None
         try:
             found = await self.client.get_tasks(project, [job.task for job in jobs])
-        except (RetryableError, AuthError) as exc:
-            if await self._label_studio_down():
-                return [(job, exc) for job in jobs]
-            log.warning(
-                "project %s: group read of %d tasks failed, reading one by one: %s",
-                project,
-                len(jobs),
-                exc,
-            )
         except AutosegError as exc:
+            if isinstance(exc, RetryableError | AuthError) and await self._label_studio_down():
+                return [(job, exc) for job in jobs]
             log.warning(
                 "project %s: group read of %d tasks failed, reading one by one: %s",
                 project,
