@@ -59,7 +59,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from machine import cpu_model, cpu_seconds, service_config, wait_http  # noqa: E402
+from machine import cpu_seconds, machine_line, service_config, wait_http  # noqa: E402
 
 TARGET_P99_MS = 250.0
 SECRET = "bench-intake-secret-7b1e"
@@ -270,16 +270,6 @@ def filesystem_of(path: Path) -> str:
     return f"{kind} (mounted on {best})" if best else kind
 
 
-def machine_line(state_dir: Path) -> str:
-    cores = len(os.sched_getaffinity(0))
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (
-        f"machine: {cpu_model()}, {cores} core(s) usable (os.cpu_count {os.cpu_count()}), "
-        f"load average {load}; python {platform.python_version()}, SQLite "
-        f"{sqlite3.sqlite_version}; state_dir on {filesystem_of(state_dir)}"
-    )
-
-
 def machine_busy_seconds() -> float:
     """CPU seconds all processes of the machine have used since boot (from /proc/stat)."""
     user, nice, system, _idle, _iowait, irq, softirq, steal = map(
@@ -332,7 +322,14 @@ def main() -> int:
     config, _ = service_config(folder, "http://127.0.0.1:9", PROJECT, port)
     state_dir = folder / "state"
     state_dir.mkdir()
-    print(machine_line(state_dir), flush=True)
+    print(
+        machine_line(
+            f"python {platform.python_version()}",
+            f"SQLite {sqlite3.sqlite_version}",
+            f"state_dir on {filesystem_of(state_dir)}",
+        ),
+        flush=True,
+    )
 
     total = args.solo + args.bodies
     project = project_payload()

@@ -60,7 +60,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from machine import cpu_model, cpu_seconds, service_config, wait_http
+from machine import cpu_seconds, machine_line, service_config, wait_http
 
 from service import lsserver
 from service.labelstudio import LabelStudioClient
@@ -83,16 +83,6 @@ def meminfo_gb(key: str) -> float:
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024 / 1024
     return float("nan")
-
-
-def machine_line() -> str:
-    cores = len(os.sched_getaffinity(0))
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (
-        f"machine: {cpu_model()}, {cores} core(s) usable (os.cpu_count {os.cpu_count()}), "
-        f"load average {load}, memory {meminfo_gb('MemTotal'):.1f} GB "
-        f"({meminfo_gb('MemAvailable'):.1f} GB available); python {platform.python_version()}"
-    )
 
 
 def proc_status_mb(pid: int) -> tuple[float, float] | None:
@@ -251,7 +241,14 @@ def main() -> int:
     if args.tasks < args.images or args.images < 1:
         parser.error("--tasks must be >= --images >= 1")
 
-    print(machine_line(), flush=True)
+    print(
+        machine_line(
+            f"memory {meminfo_gb('MemTotal'):.1f} GB ({meminfo_gb('MemAvailable'):.1f} GB "
+            "available)",
+            f"python {platform.python_version()}",
+        ),
+        flush=True,
+    )
     folder = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     began = time.perf_counter()
     ls = lsserver.start(folder / "label-studio")

@@ -27,6 +27,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def machine_line(*details: str) -> str:
+    """``machine: <CPU>, <n> core(s) usable (...), load average ...`` then ``details``, each
+    after a semicolon (what the benchmark adds: memory, Python, SQLite, file system)."""
+    cores = len(os.sched_getaffinity(0))
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    head = (
+        f"machine: {cpu_model()}, {cores} core(s) usable (os.cpu_count {os.cpu_count()}), "
+        f"load average {load}"
+    )
+    return "; ".join([head, *details])
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds used so far by ``pid`` (nan once it is gone)."""
     try:
