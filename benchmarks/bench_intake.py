@@ -4,7 +4,8 @@ Run from the repository root (no Label Studio needed; about a minute with the de
 
     .venv/bin/python benchmarks/bench_intake.py [--senders 8] [--bodies 320] [--tasks 5000]
 
-What runs: the service's real web app (``service.app.create_app``) with its real job queue
+What runs: the service's real web app (``service.intake.webhook.create_app``) with its real job
+queue
 (``SQLiteJobQueue`` from ``service.server.open_queue``: WAL, ``synchronous=FULL``) in a
 temporary ``state_dir``, built from a config file written the way an operator writes one
 (``config.yaml`` of this repository with the project, server and state_dir replaced) and served
@@ -95,7 +96,7 @@ class _ExpandingHooks:
         pass
 
     async def readiness(self) -> Any:
-        from service.app import Readiness
+        from service.intake.webhook import Readiness
 
         return Readiness(True, {"model": "not loaded (benchmark)"})
 
@@ -106,8 +107,8 @@ def serve(config_path: Path) -> None:
 
     import uvicorn
 
-    from service.app import WebhookSettings, create_app
     from service.config import load_config
+    from service.intake.webhook import WebhookSettings, create_app
     from service.metrics import Metrics
     from service.server import open_queue
 
@@ -166,8 +167,8 @@ def make_body(project: dict[str, Any], first_id: int, count: int) -> bytes:
 
 
 def project_payload() -> dict[str, Any]:
-    from service.quickstart import label_config
-    from service.synthetic import LABELS
+    from service.local.quickstart import label_config
+    from service.local.synthetic import LABELS
 
     return {
         "id": PROJECT,
@@ -314,7 +315,7 @@ def main() -> int:
     if min(args.senders, args.bodies, args.tasks) < 1 or args.solo < 0:
         parser.error("--senders, --bodies and --tasks must be >= 1, --solo >= 0")
 
-    from service.lsserver import free_port
+    from service.local.lsserver import free_port
 
     folder = Path(tempfile.mkdtemp(prefix="bench-intake-"))
     port = free_port()

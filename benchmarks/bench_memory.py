@@ -7,9 +7,10 @@ cores, so 5000 tasks take 20-45 min: try a small backlog first):
     .venv/bin/python benchmarks/bench_memory.py --tasks 200
     .venv/bin/python benchmarks/bench_memory.py [--tasks 5000] [--bound-mb 1500]
 
-Setup: a temporary Label Studio 1.23.2 (``service.lsserver.start``) with a BrushLabels project
-whose labels are the demo model's (``service.quickstart.label_config``). ``--images`` distinct
-synthetic ``--width`` x ``--height`` JPEGs (``service.synthetic``) are uploaded once; the rest of
+Setup: a temporary Label Studio 1.23.2 (``service.local.lsserver.start``) with a BrushLabels project
+whose labels are the demo model's (``service.local.quickstart.label_config``). ``--images`` distinct
+synthetic ``--width`` x ``--height`` JPEGs (``service.local.synthetic``) are uploaded once; the rest
+of
 the ``--tasks`` backlog is imported as JSON tasks (in chunks) whose ``data.image`` re-uses those
 ``/data/upload/...`` URLs, so the service downloads and decodes a full-size image for every
 task. All of it is imported before the service starts, so it is a true backlog, found by the
@@ -62,10 +63,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from machine import cpu_seconds, machine_line, service_config, wait_http
 
-from service import lsserver
 from service.labelstudio import LabelStudioClient
-from service.quickstart import label_config
-from service.synthetic import make_sample
+from service.local import lsserver
+from service.local.quickstart import label_config
+from service.local.synthetic import make_sample
 
 REPO = Path(__file__).resolve().parent.parent
 

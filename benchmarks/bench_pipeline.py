@@ -6,9 +6,9 @@ Run from the repository root (the first run installs Label Studio into its cache
 
 What it does:
 
-1. Starts a real Label Studio 1.23.2 (``service.lsserver``, temporary data folder) and
+1. Starts a real Label Studio 1.23.2 (``service.local.lsserver``, temporary data folder) and
    creates a BrushLabels project with the demo model's labels (``quickstart.label_config``).
-   Meanwhile it draws ``--images`` synthetic images (``service.synthetic``, the demo model's
+   Meanwhile it draws ``--images`` synthetic images (``service.local.synthetic``, the demo model's
    own data, seeded) at ``--size`` and encodes them as JPEG (quality 90).
 2. Writes a service config from ``--config`` (default: the repository's ``config.yaml``, the
    bundled demo model): its ``model`` and ``prediction`` sections verbatim, except
@@ -19,7 +19,7 @@ What it does:
    rather than be hidden by a reconcile pass.
 3. Bare model, ``--bare-runs`` runs (default 2), in this process: the same
    ``SegmentationModel`` and ``PredictionConfig``; the JPEG bytes are decoded with
-   ``service.images.decode_image`` in two threads, ahead of the model (as ``predict`` does),
+   ``service.model.images.decode_image`` in two threads, ahead of the model (as ``predict`` does),
    and ``model.predict_each`` runs in batches of ``model.batch_size`` (it includes the resize,
    the forward pass, the probability upsampling and thresholding, and ``min_pixels``). It does
    not write ``predict``'s mask and overlay files and does not RLE-encode: those are each
@@ -84,14 +84,14 @@ sys.path.insert(0, str(REPO))
 
 from machine import cpu_model  # noqa: E402
 
-from service import lsserver  # noqa: E402
 from service.config import Config, PredictionConfig, load_config  # noqa: E402
-from service.images import decode_image  # noqa: E402
 from service.labelstudio import LabelStudioClient  # noqa: E402
+from service.local import lsserver  # noqa: E402
+from service.local.quickstart import label_config  # noqa: E402
+from service.local.synthetic import make_sample  # noqa: E402
 from service.model import ImagePrediction, SegmentationModel  # noqa: E402
-from service.quickstart import label_config  # noqa: E402
+from service.model.images import decode_image  # noqa: E402
 from service.results import BrushTarget, build_prediction, resolve_target  # noqa: E402
-from service.synthetic import make_sample  # noqa: E402
 
 TARGET = 0.85
 # Above these, a run was disturbed by other load and its ratio says little.

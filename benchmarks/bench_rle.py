@@ -1,4 +1,4 @@
-"""Time service.rle against Label Studio's own brush codec, in the same process.
+"""Time service.results.rle against Label Studio's own brush codec, in the same process.
 
 Needs label_studio_sdk, which lives only in Label Studio's virtual environment, so run it
 with that environment's Python from the repository root:
@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service import rle
+from service.results import rle
 
 TARGETS = {"encode": {"blobs": 15.0, "noise": 5.0}, "decode": {"blobs": 10.0, "noise": 10.0}}
 SEED = 20251124

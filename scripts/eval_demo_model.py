@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:
     # Runs from a checkout without installing the package.
     sys.path.insert(0, str(REPO))
 
-from service.synthetic import LABELS, make_sample  # noqa: E402
+from service.local.synthetic import LABELS, make_sample  # noqa: E402
 
 # Must match scripts/train_demo_model.py and the demo config.yaml.
 MEAN = (0.5, 0.5, 0.5)

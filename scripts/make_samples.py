@@ -1,6 +1,6 @@
 """Write the bundled sample images (samples/images/) that the README's first command runs on.
 
-Seeded synthetic scenes from service.synthetic at a few sizes, saved as JPEG; one is stored
+Seeded synthetic scenes from service.local.synthetic at a few sizes, saved as JPEG; one is stored
 sideways with an EXIF orientation tag, as phone photos often are. Run from the repo root:
 
     .venv/bin/python scripts/make_samples.py
@@ -17,7 +17,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.synthetic import make_sample  # noqa: E402
+from service.local.synthetic import make_sample  # noqa: E402
 
 SIZES = ((480, 640), (512, 512), (640, 480), (360, 480), (600, 800), (400, 560))
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/train_demo_model.py            # writes models/demo_unet.pt
 
-The data comes from ``service.synthetic``: circles, rectangles and triangles on textured
+The data comes from ``service.local.synthetic``: circles, rectangles and triangles on textured
 backgrounds. Every image is fed at 256x256, as the demo config's ``input_size`` makes the
 runner do; a share of the training images is drawn at other sizes and aspect ratios first and
 then stretched to 256x256, so the model also knows squeezed shapes. Training runs on random
@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
     # Runs from a checkout without installing the package.
     sys.path.insert(0, str(REPO))
 
-from service.synthetic import LABELS, make_sample  # noqa: E402
+from service.local.synthetic import LABELS, make_sample  # noqa: E402
 
 # Normalisation the model expects: x = (rgb / 255 - MEAN) / STD. These go into config.yaml.
 MEAN = (0.5, 0.5, 0.5)

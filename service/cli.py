@@ -17,12 +17,12 @@ from service.config import (
     LabelStudioConfig,
     PredictionConfig,
     ProjectConfig,
-    TokenType,
     find_config,
     load_config,
     parse_threshold_flag,
     parse_thresholds,
 )
+from service.constants import TokenType
 from service.errors import AutosegError, ConfigError
 
 log = logging.getLogger("service")
@@ -247,9 +247,9 @@ def read_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from service.images import list_images
+    from service.commands.predict import run_predict
     from service.model import SegmentationModel
-    from service.predict import run_predict
+    from service.model.images import list_images
 
     config = read_config(args)
     model_config = config.model
@@ -331,8 +331,8 @@ def label_studio_target(args: argparse.Namespace, config: Config | None) -> Labe
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
+    from service.commands.upload import UploadOptions, run_upload
     from service.labelstudio import LabelStudioClient
-    from service.upload import UploadOptions, run_upload
 
     config = load_config(args.config) if args.config else None
     target = label_studio_target(args, config)
@@ -363,7 +363,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_annotations(args: argparse.Namespace) -> int:
-    from service.annotations import PayloadOptions, make_payload
+    from service.commands.annotations import PayloadOptions, make_payload
 
     if args.start_id > args.end_id:
         raise ConfigError("--start-id is greater than --end-id")
@@ -394,7 +394,7 @@ def parse_pairs(text: str, flag: str) -> dict[str, str]:
 
 
 def cmd_replace_annotations(args: argparse.Namespace) -> int:
-    from service.annotations import PlanOptions, execute_plan, write_plan
+    from service.commands.annotations import PlanOptions, execute_plan, write_plan
     from service.labelstudio import LabelStudioClient
 
     config = load_config(args.config) if args.config else None
@@ -429,14 +429,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_hook(args: argparse.Namespace) -> int:
-    from service.ops import register_hooks
+    from service.commands.ops import register_hooks
 
     asyncio.run(register_hooks(read_config(args), args.url, sys.stdout))
     return EXIT_OK
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from service.ops import backfill
+    from service.commands.ops import backfill
     from service.queue import JobState
 
     changed = asyncio.run(backfill(read_config(args), args.project, sys.stdout))
@@ -444,15 +444,15 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from service.ops import status
+    from service.commands.ops import status
 
     status(read_config(args), sys.stdout, args.failures)
     return EXIT_OK
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from service.lsserver import cache_dir
-    from service.quickstart import QuickstartOptions, quickstart
+    from service.local.lsserver import cache_dir
+    from service.local.quickstart import QuickstartOptions, quickstart
 
     options = QuickstartOptions(
         base_config=read_config(args),

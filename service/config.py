@@ -23,10 +23,10 @@ from typing import Any, Literal
 
 import yaml
 
+from service.constants import HTTP_SCHEMES, TokenType
 from service.errors import ConfigError
 
 Activation = Literal["sigmoid", "softmax"]
-TokenType = Literal["auto", "pat", "legacy"]
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 CONFIG_ENV_VAR = "LS_AUTOSEG_CONFIG"
@@ -309,7 +309,7 @@ def parse_threshold_flag(text: str, labels: tuple[str, ...]) -> dict[str, float]
 def _parse_label_studio(s: _Section) -> LabelStudioConfig:
     s.allow("url", "token", "token_type", "timeout_s")
     url = s.str_value("url", default="http://localhost:8080").rstrip("/")
-    if not re.match(r"https?://", url):
+    if not url.lower().startswith(HTTP_SCHEMES):
         raise s.error("url", f"must start with http:// or https://, got {url!r}")
     return LabelStudioConfig(
         url=url,

@@ -21,9 +21,10 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
-from service.app import Readiness, WebhookSettings, create_app
 from service.config import Config
+from service.constants import QUEUE_FILE
 from service.errors import AutosegError, ConfigError
+from service.intake.webhook import Readiness, WebhookSettings, create_app
 from service.labelstudio import LabelStudioClient
 from service.metrics import Metrics
 from service.model import SegmentationModel
@@ -33,7 +34,6 @@ from service.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
 
-QUEUE_FILE = "jobs.sqlite3"
 MAX_ATTEMPTS = 8
 ENQUEUE_CHUNK = 1000
 READY_PROBE_TIMEOUT_S = 5.0

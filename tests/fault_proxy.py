@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service import lsserver
+from service.local import lsserver
 
 _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
 _ANSWER_DROP = {"content-encoding", "content-length", "transfer-encoding", "connection"}

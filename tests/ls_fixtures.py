@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from service import lsserver
 from service.labelstudio import LabelStudioClient, Project, Task
+from service.local import lsserver
 
 # The tutorial's label config (seed section 四): one Image, one BrushLabels with four labels.
 BRUSH_CONFIG = """<View>

@@ -24,9 +24,9 @@ from conftest import model_section
 from ls_fixtures import new_brush_project, tasks_of
 from PIL import Image
 
-from service import lsserver
 from service.config import ModelConfig
 from service.labelstudio import LabelStudioClient, Task
+from service.local import lsserver
 from service.results import decode_result
 
 MakeClient = Callable[..., LabelStudioClient]
@@ -125,7 +125,7 @@ def wait_for_predictions(
 
 
 def assert_correct(tasks: list[Task], pictures: dict[str, np.ndarray], annotated: set[int]) -> None:
-    from service.naming import image_file_name
+    from service.commands.naming import image_file_name
 
     for task in tasks:
         predictions = task.predictions or ()

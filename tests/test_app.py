@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import (
+from service.config import Config, ServerConfig
+from service.errors import ConfigError
+from service.intake.webhook import (
     PARSE_IN_THREAD_BYTES,
     Readiness,
     WebhookSettings,
     create_app,
 )
-from service.config import Config, ServerConfig
-from service.errors import ConfigError
 from service.metrics import Metrics
 from service.queue import JobState, SQLiteJobQueue
 
@@ -525,7 +525,7 @@ def test_unconfigured_project_is_ignored_and_logged_once(
     service.post(webhook_body((1,), project=78))
     assert service.queued() == 0
     assert service.hooks.reconciles == []
-    app_messages = [r.getMessage() for r in caplog.records if r.name == "service.app"]
+    app_messages = [r.getMessage() for r in caplog.records if r.name == "service.intake.webhook"]
     assert sum("project 77" in m for m in app_messages) == 1
     assert sum("project 78" in m for m in app_messages) == 1
 
@@ -573,7 +573,7 @@ def test_ready_is_503_when_the_check_itself_fails(
     service: Service, caplog: pytest.LogCaptureFixture
 ) -> None:
     service.hooks.fail_readiness = True
-    with caplog.at_level(logging.ERROR, logger="service.app"):
+    with caplog.at_level(logging.ERROR, logger="service.intake.webhook"):
         response = service.client.get("/ready")
     assert response.status_code == 503
     assert response.json() == {
@@ -732,7 +732,7 @@ def test_no_secret_or_payload_in_logs_or_responses(
 )
 def test_fast_decoding_gives_the_same_event_or_error_as_json_loads(body: object) -> None:
     """The msgspec path must accept and refuse exactly what the json.loads path does."""
-    from service.app import BadWebhook, _decode_slow, decode_event
+    from service.intake.webhook import BadWebhook, _decode_slow, decode_event
 
     raw = json.dumps(body).encode()
     try:

@@ -21,13 +21,13 @@ from conftest import model_section
 from ls_fixtures import new_brush_project, tasks_of
 from PIL import Image
 
-from service import lsserver
 from service.cli import main
+from service.commands.naming import image_file_name
+from service.commands.upload import read_mask
 from service.config import ModelConfig
 from service.labelstudio import LabelStudioClient
-from service.naming import image_file_name
+from service.local import lsserver
 from service.results import decode_result
-from service.upload import read_mask
 
 pytestmark = pytest.mark.labelstudio
 
@@ -306,7 +306,7 @@ def test_replace_interrupted_halfway_is_finished_by_a_second_run(
     assert main([*run["replace"], "--execute"]) == 0  # first annotations by ls-autoseg
     assert main(run["replace"]) == 0  # plan: replace them
 
-    from service import annotations as module
+    from service.commands import annotations as module
 
     calls = {"n": 0}
     real = LabelStudioClient.delete_annotation

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from service.config import Config
+from service.local.synthetic import LABELS, make_sample
 from service.model import SegmentationModel
-from service.synthetic import LABELS, make_sample
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -38,8 +38,8 @@ from service_harness import (
     wait_for_predictions,
 )
 
-from service import lsserver
 from service.config import ModelConfig
+from service.local import lsserver
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from service.errors import ImageError
-from service.images import decode_image, list_images, read_image
+from service.model.images import decode_image, list_images, read_image
 
 LIMIT = 10_000_000
 

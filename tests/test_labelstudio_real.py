@@ -13,9 +13,9 @@ import httpx
 import pytest
 from ls_fixtures import BRUSH_CONFIG, BRUSH_LABELS, brush_result, new_brush_project
 
-from service import lsserver
 from service.errors import AuthError, LabelStudioError, NotFoundError
 from service.labelstudio import LabelStudioClient, PredictionIn
+from service.local import lsserver
 
 pytestmark = pytest.mark.labelstudio
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.naming import image_file_name, match_key, sanitize
+from service.commands.naming import image_file_name, match_key, sanitize
 
 
 @pytest.mark.parametrize(

@@ -14,10 +14,10 @@ import yaml
 from conftest import model_section
 from PIL import Image
 
-from service import lsserver
 from service.config import ModelConfig
 from service.labelstudio import LabelStudioClient
-from service.quickstart import PROJECT_TITLE
+from service.local import lsserver
+from service.local.quickstart import PROJECT_TITLE
 from service.results import decode_result
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]

@@ -3,10 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service import rle
 from service.errors import ProjectMismatchError
 from service.labelstudio import Control, ControlInput, Project
-from service.results import build_prediction, decode_result, resolve_target
+from service.results import build_prediction, decode_result, resolve_target, rle
 
 
 def project(*controls: Control) -> Project:

@@ -1,4 +1,4 @@
-"""service.rle against Label Studio's own codec (label_studio_sdk.converter.brush).
+"""service.results.rle against Label Studio's own codec (label_studio_sdk.converter.brush).
 
 Golden data (tests/data/rle_golden.json.gz, written by scripts/make_rle_golden.py under
 Label Studio's venv) holds, per recipe of tests/rle_cases.py, the SDK's ``mask2rle`` bytes;
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import rle_cases
 
-from service import rle
 from service.errors import RLEError
+from service.results import rle
 
 TESTS = Path(__file__).resolve().parent
 GOLDEN = json.loads(gzip.decompress((TESTS / "data" / "rle_golden.json.gz").read_bytes()))
@@ -275,11 +275,13 @@ SDK_SCRIPT = textwrap.dedent(
 
 @pytest.mark.labelstudio
 def test_fresh_cases_against_the_sdk() -> None:
-    from service.lsserver import installed_python
+    from service.local.lsserver import installed_python
 
     python = installed_python()
     if python is None or not python.is_file():
-        pytest.skip("Label Studio's venv is not installed (service.lsserver.ensure_installed)")
+        pytest.skip(
+            "Label Studio's venv is not installed (service.local.lsserver.ensure_installed)"
+        )
     seed = int.from_bytes(os.urandom(4), "big")
     masks = [
         *rle_cases.random_recipes(60, seed),

@@ -31,9 +31,9 @@ from service_harness import (
     wait_for_predictions,
 )
 
-from service import lsserver
 from service.config import ModelConfig
 from service.labelstudio import PredictionIn
+from service.local import lsserver
 from service.server import untouched_query
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]

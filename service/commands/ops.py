@@ -10,6 +10,7 @@ from typing import TextIO
 from tqdm import tqdm
 
 from service.config import Config
+from service.constants import QUEUE_FILE, SECRET_HEADER, TASKS_CREATED
 from service.errors import ConfigError, LabelStudioError
 from service.model import SegmentationModel
 from service.queue import JobState
@@ -18,10 +19,9 @@ from service.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
 
-SECRET_HEADER = "X-Webhook-Secret"
 # backfill is a one-off command: an outage this long ends it (the queue keeps the jobs).
 BACKFILL_OUTAGE_LIMIT_S = 300.0
-ACTIONS = ("TASKS_CREATED",)
+ACTIONS = (TASKS_CREATED,)
 
 SSRF_HELP = (
     "Label Studio refused the webhook URL with 403: since 1.23.1 its SSRF protection blocks "
@@ -92,7 +92,7 @@ async def backfill(config: Config, project: int | None, out: TextIO) -> dict[Job
 def status(config: Config, out: TextIO, failures: int = 20) -> dict[JobState, int]:
     """Jobs by state and the most recent failures with their reasons; needs no token."""
     path = config.state_dir
-    if not (path / "jobs.sqlite3").exists():
+    if not (path / QUEUE_FILE).exists():
         print(f"no job queue in {path} yet: `serve` or `backfill` creates it", file=out)
         return {state: 0 for state in JobState}
     with open_queue(config) as queue:

@@ -29,15 +29,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+from service.commands.naming import image_file_name, match_key
+from service.commands.upload import read_mask, scan_masks
+from service.constants import RESULT_ID_PREFIX
 from service.errors import ConfigError, NotFoundError
 from service.labelstudio import Annotation, LabelStudioClient, Project, Task
-from service.naming import image_file_name, match_key
 from service.results import BrushTarget, brush_results, resolve_target
-from service.upload import read_mask, scan_masks
 
 log = logging.getLogger(__name__)
 
-RESULT_ID_PREFIX = "autoseg_"
 PLAN_VERSION = 1
 
 

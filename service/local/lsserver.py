@@ -211,7 +211,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 def main() -> int:
-    """``python -m service.lsserver``: install the cached Label Studio (CI warms the cache)."""
+    """``python -m service.local.lsserver``: install the cached Label Studio (CI warms it)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(ensure_installed())
     return 0

@@ -53,12 +53,11 @@ import numpy as np
 
 from service.config import PredictionConfig
 from service.errors import AuthError, AutosegError, NotFoundError, RetryableError
-from service.images import decode_image
 from service.labelstudio import LabelStudioClient, PredictionIn, Task
-from service.model import ImagePrediction, SegmentationModel
+from service.model import ImagePrediction, Segmenter
+from service.model.images import decode_image
 from service.queue import Job, JobQueue
 from service.results import BrushTarget, build_prediction
-from service.upload import has_version, is_annotated
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -124,7 +123,7 @@ class Worker:
         self,
         queue: JobQueue,
         client: LabelStudioClient,
-        model: SegmentationModel,
+        model: Segmenter,
         targets: Mapping[int, BrushTarget],
         settings: WorkerSettings,
         *,
@@ -141,11 +140,11 @@ class Worker:
         self._wake = asyncio.Event()
         # Jobs held at once (claimed, not yet settled): enough to keep downloads, one batch in
         # the model and posts all busy, few enough that a crash re-queues little.
-        self._capacity = settings.concurrency * 2 + model.config.batch_size * 2
+        self._capacity = settings.concurrency * 2 + model.batch_size * 2
         # Claim in groups of at least a model batch while others are held: every claim costs
         # Label Studio one task-list request, whose fixed cost dominates a group of one.
-        self._claim_min = min(self._capacity, model.config.batch_size)
-        self._post_max = model.config.batch_size * 4  # results per post group, at most
+        self._claim_min = min(self._capacity, model.batch_size)
+        self._post_max = model.batch_size * 4  # results per post group, at most
         self.busy = 0
         self._freed = asyncio.Event()  # set when a held job is settled: room to claim
         self._ready: asyncio.Queue[_Prepared] = asyncio.Queue()
@@ -399,14 +398,14 @@ class Worker:
         predicted it."""
         if task.project is not None and task.project != job.project:
             raise _Permanent(f"task {job.task} belongs to project {task.project}")
-        if is_annotated(task):
+        if task.is_annotated:
             raise SkipJob("annotated")
-        if has_version(task, self.settings.prediction.model_version):
+        if task.has_prediction_of(self.settings.prediction.model_version):
             raise SkipJob("exists")
         return task
 
     async def _infer_loop(self) -> None:
-        batch_size = self.model.config.batch_size
+        batch_size = self.model.batch_size
         while True:
             batch = [await self._ready.get()]
             # From here until the results are queued for posting, the batch is only here:

@@ -12,7 +12,6 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -22,30 +21,9 @@ import torch.nn.functional as F
 
 from service.config import ModelConfig, PredictionConfig, Thresholds
 from service.errors import AutosegError, ModelError
+from service.model.base import ImagePrediction, LabelMask
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LabelMask:
-    """One label's mask for one image, before and after ``min_pixels``."""
-
-    label: str
-    mask: np.ndarray  # (H, W) bool at the image's own size
-    pixels: int
-    threshold: float
-    kept: bool  # False when below min_pixels: the mask is not posted or written
-
-
-@dataclass(frozen=True)
-class ImagePrediction:
-    width: int
-    height: int
-    labels: tuple[LabelMask, ...]
-
-    @property
-    def kept(self) -> tuple[LabelMask, ...]:
-        return tuple(m for m in self.labels if m.kept)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,6 +82,10 @@ class SegmentationModel:
     @property
     def labels(self) -> tuple[str, ...]:
         return self.config.output_labels
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size
 
     def _check_channels(self) -> None:
         side = max(64, self.config.size_divisor * 2)

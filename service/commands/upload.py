@@ -18,9 +18,9 @@ from typing import Any, TextIO
 import cv2
 import numpy as np
 
+from service.commands.naming import image_file_name, match_key
 from service.errors import ImageError
 from service.labelstudio import LabelStudioClient, PredictionIn, Task
-from service.naming import image_file_name, match_key
 from service.results import BrushTarget, build_prediction, resolve_target
 
 log = logging.getLogger(__name__)
@@ -99,23 +99,6 @@ def read_mask(path: Path) -> np.ndarray:
     return mask
 
 
-def is_annotated(task: Task) -> bool:
-    """A person has looked at it: any annotation, submitted or skipped.
-
-    The annotation list decides when it was fetched: Label Studio updates the task's counters
-    after an import has already sent its webhook, so a fresh task can show 0 with one there.
-    """
-    if task.annotations:
-        return True
-    return task.total_annotations > 0 or task.cancelled_annotations > 0
-
-
-def has_version(task: Task, model_version: str) -> bool:
-    if task.predictions is not None:
-        return any(p.model_version == model_version for p in task.predictions)
-    return model_version in task.predictions_model_versions
-
-
 def task_summary(task: Task) -> dict[str, Any]:
     return {
         "id": task.id,
@@ -158,10 +141,10 @@ async def run_upload(
         masks = mask_sets.get(key)
         if masks is not None:
             matched.add(key)
-        if is_annotated(task):
+        if task.is_annotated:
             report.skipped_annotated.append(task.id)
             continue
-        if not options.include_existing and has_version(task, options.model_version):
+        if not options.include_existing and task.has_prediction_of(options.model_version):
             report.skipped_existing.append(task.id)
             continue
         if masks is None:

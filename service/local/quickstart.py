@@ -22,12 +22,13 @@ from xml.sax.saxutils import quoteattr
 
 import yaml
 
-from service import lsserver
+from service.commands.ops import SSRF_HELP
 from service.config import Config, load_config
+from service.constants import SECRET_HEADER, TASKS_CREATED
 from service.errors import AutosegError
-from service.images import list_images
 from service.labelstudio import LabelStudioClient
-from service.ops import SECRET_HEADER, SSRF_HELP
+from service.local import lsserver
+from service.model.images import list_images
 from service.server import Service, make_server
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ async def _hook(client: LabelStudioClient, project: int, url: str, secret: str) 
         for hook in await client.list_webhooks(project):
             if hook.url.startswith("http://127.0.0.1:") and hook.url.endswith("/webhook"):
                 await client.delete_webhook(hook.id)  # an earlier quickstart's port
-        await client.create_webhook(project, url, {SECRET_HEADER: secret}, ["TASKS_CREATED"])
+        await client.create_webhook(project, url, {SECRET_HEADER: secret}, [TASKS_CREATED])
     except AutosegError as exc:
         if getattr(exc, "status_code", None) == 403:
             raise AutosegError(SSRF_HELP) from exc

@@ -39,6 +39,7 @@ from typing import Any, Literal, Self
 
 import httpx
 
+from service.constants import HTTP_SCHEMES, TokenType
 from service.errors import (
     AuthError,
     ConfigError,
@@ -50,7 +51,6 @@ from service.errors import (
 
 log = logging.getLogger(__name__)
 
-TokenType = Literal["auto", "pat", "legacy"]
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 """URI schemes Label Studio 1.23.2 resolves through ``/tasks/{id}/resolve/`` (its storages'
@@ -156,6 +156,24 @@ class Task:
     predictions_model_versions: tuple[str, ...]
     updated_at: datetime | None
 
+    @property
+    def is_annotated(self) -> bool:
+        """A person has looked at it: any annotation, submitted or skipped.
+
+        The annotation list decides when it was fetched: Label Studio updates the task's
+        counters after an import has already sent its webhook, so a fresh task can show 0 with
+        one there.
+        """
+        if self.annotations:
+            return True
+        return self.total_annotations > 0 or self.cancelled_annotations > 0
+
+    def has_prediction_of(self, model_version: str) -> bool:
+        """Holds a prediction of exactly this model_version."""
+        if self.predictions is not None:
+            return any(p.model_version == model_version for p in self.predictions)
+        return model_version in self.predictions_model_versions
+
 
 @dataclass(frozen=True)
 class PredictionIn:
@@ -247,7 +265,7 @@ class LabelStudioClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         base = base_url.strip().rstrip("/")
-        if not base.lower().startswith(("http://", "https://")):
+        if not base.lower().startswith(HTTP_SCHEMES):
             raise ConfigError(
                 f"Label Studio URL must start with http:// or https://, got {base_url!r}"
             )

@@ -39,14 +39,13 @@ from starlette.routing import Route
 from starlette.types import Lifespan
 
 from service.config import Config, MissingEnv
+from service.constants import SECRET_HEADER, TASKS_CREATED
 from service.errors import ConfigError, RetryableError
 from service.metrics import Metrics
 from service.queue import JobQueue
 
 log = logging.getLogger(__name__)
 
-SECRET_HEADER: Final = "X-Webhook-Secret"
-TASKS_CREATED: Final = "TASKS_CREATED"
 # Bodies above this are parsed in a worker thread: json.loads of a 5000-task import takes
 # tens of milliseconds, which would stall every other request on the event loop.
 PARSE_IN_THREAD_BYTES: Final = 256 * 1024

@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from service import rle
+from service.constants import RESULT_ID_PREFIX
 from service.errors import ProjectMismatchError
 from service.labelstudio import Control, PredictionIn, Project
+from service.results import rle
 
 BRUSH_TYPE = "brushlabels"
 
@@ -130,7 +131,7 @@ def brush_results(
             )
         results.append(
             {
-                "id": f"autoseg_{len(results)}",
+                "id": f"{RESULT_ID_PREFIX}{len(results)}",
                 "from_name": target.from_name,
                 "to_name": target.to_name,
                 "type": BRUSH_TYPE,

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from service.config import PredictionConfig
 from service.errors import ImageError
-from service.images import read_image
 from service.model import ImagePrediction, SegmentationModel
+from service.model.images import read_image
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,24 @@
+"""Names and values that more than one part of ls-autoseg must agree on; each has its one owner
+here. Defaults of settings are not here: the config dataclasses own them (``config.py``)."""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+SECRET_HEADER: Final = "X-Webhook-Secret"
+"""The header that carries ``server.webhook_secret`` on Label Studio's webhook."""
+
+TASKS_CREATED: Final = "TASKS_CREATED"
+"""The webhook action that queues work; every other action is acknowledged and ignored."""
+
+QUEUE_FILE: Final = "jobs.sqlite3"
+"""The SQLite job queue's file in ``state_dir``."""
+
+RESULT_ID_PREFIX: Final = "autoseg_"
+"""Every result id ls-autoseg writes starts with this: how its annotations are told apart."""
+
+TokenType = Literal["auto", "pat", "legacy"]
+"""How the Label Studio token is sent: detected, Personal Access Token, or legacy key."""
+
+HTTP_SCHEMES: Final = ("http://", "https://")
+"""What a Label Studio URL must start with (compared case-insensitively)."""
