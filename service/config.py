@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,6 +112,25 @@ class ReconcileConfig:
 
 
 @dataclass(frozen=True)
+class WorkerConfig:
+    """The operator's choices for the worker: how hard to push Label Studio, how to retry."""
+
+    concurrency: int = 4  # Label Studio requests (and downloads) at once
+    # Label Studio sends TASKS_CREATED from inside the import request; a task read at once
+    # was seen (once, on a busy machine) without the annotation imported with it. A job is
+    # therefore first read this long after it was queued.
+    settle_s: float = 2.0
+    retry_base_s: float = 2.0  # first retry delay of a transient failure, doubled each time
+    retry_max_s: float = 120.0
+    max_attempts: int = 8  # a job fails after this many attempts (crashes count)
+    not_found_grace_s: float = 30.0  # a task 404 this soon after queueing is retried
+    outage_probe_s: float = 5.0  # while Label Studio is unusable, ask this often
+    batch_wait_s: float = 0.05  # how long a model batch waits to fill
+    idle_poll_s: float = 1.0
+    shutdown_grace_s: float = 30.0  # on SIGTERM, let jobs in flight finish this long
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     model: ModelConfig
@@ -121,6 +140,7 @@ class Config:
     server: ServerConfig
     state_dir: Path
     reconcile: ReconcileConfig
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
 
     def require(self, value: str | MissingEnv | None, what: str) -> str:
         """Return a setting that a command cannot do without, or explain what to set."""
@@ -179,7 +199,14 @@ def parse_config(raw: object, source: Path, environ: Mapping[str, str]) -> Confi
     root = _Section(_expand_env(raw, environ), "config", source)
     base = source.resolve().parent
     root.allow(
-        "label_studio", "model", "prediction", "projects", "server", "state_dir", "reconcile"
+        "label_studio",
+        "model",
+        "prediction",
+        "projects",
+        "server",
+        "state_dir",
+        "reconcile",
+        "worker",
     )
     model = _parse_model(root.section("model"), base)
     return Config(
@@ -191,6 +218,7 @@ def parse_config(raw: object, source: Path, environ: Mapping[str, str]) -> Confi
         server=_parse_server(root.section("server")),
         state_dir=base / str(root.get("state_dir", "./state")),
         reconcile=_parse_reconcile(root.section("reconcile")),
+        worker=_parse_worker(root.section("worker")),
     )
 
 
@@ -363,6 +391,23 @@ def _parse_reconcile(s: _Section) -> ReconcileConfig:
     return ReconcileConfig(
         on_startup=s.bool_value("on_startup", True),
         interval_s=s.float_value("interval_s", 300.0),
+    )
+
+
+def _parse_worker(s: _Section) -> WorkerConfig:
+    defaults = WorkerConfig()
+    s.allow(*(f.name for f in fields(WorkerConfig)))
+    return WorkerConfig(
+        concurrency=s.int_value("concurrency", defaults.concurrency, minimum=1),
+        settle_s=s.float_value("settle_s", defaults.settle_s),
+        retry_base_s=s.float_value("retry_base_s", defaults.retry_base_s),
+        retry_max_s=s.float_value("retry_max_s", defaults.retry_max_s),
+        max_attempts=s.int_value("max_attempts", defaults.max_attempts, minimum=1),
+        not_found_grace_s=s.float_value("not_found_grace_s", defaults.not_found_grace_s),
+        outage_probe_s=s.float_value("outage_probe_s", defaults.outage_probe_s),
+        batch_wait_s=s.float_value("batch_wait_s", defaults.batch_wait_s),
+        idle_poll_s=s.float_value("idle_poll_s", defaults.idle_poll_s),
+        shutdown_grace_s=s.float_value("shutdown_grace_s", defaults.shutdown_grace_s),
     )
 
 

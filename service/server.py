@@ -34,7 +34,6 @@ from service.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 8
 ENQUEUE_CHUNK = 1000
 READY_PROBE_TIMEOUT_S = 5.0
 
@@ -65,7 +64,7 @@ def untouched_query(model_version: str, after_id: int = 0) -> dict[str, Any]:
 
 
 def open_queue(config: Config) -> SQLiteJobQueue:
-    return SQLiteJobQueue(config.state_dir / QUEUE_FILE, max_attempts=MAX_ATTEMPTS)
+    return SQLiteJobQueue(config.state_dir / QUEUE_FILE, max_attempts=config.worker.max_attempts)
 
 
 def make_client(config: Config) -> LabelStudioClient:
@@ -168,7 +167,7 @@ class Service:
             client,
             model,
             targets,
-            WorkerSettings(prediction=config.prediction),
+            WorkerSettings(prediction=config.prediction, worker=config.worker),
             metrics=metrics,
         )
         return cls(config, queue, client, model, targets, worker, metrics)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.config import ModelConfig, PredictionConfig
+from service.config import ModelConfig, PredictionConfig, WorkerConfig
 from service.labelstudio import LabelStudioClient
 from service.model import SegmentationModel
 from service.queue import JobState, SQLiteJobQueue
@@ -52,9 +52,17 @@ def make_worker(
     metrics: Any = None,
     **settings: Any,
 ) -> Worker:
-    """A worker on the fake project; ``settings`` are WorkerSettings' (prediction included)."""
+    """A worker on the fake project; ``settings`` are WorkerSettings' (prediction,
+    outage_limit_s) and WorkerConfig's fields."""
+    outer = {k: settings.pop(k) for k in ("prediction", "outage_limit_s") if k in settings}
+    worker = WorkerConfig(**settings)
     return Worker(
-        queue, client, model, {PROJECT: TARGET}, WorkerSettings(**settings), metrics=metrics
+        queue,
+        client,
+        model,
+        {PROJECT: TARGET},
+        WorkerSettings(worker=worker, **outer),
+        metrics=metrics,
     )
 
 

@@ -70,7 +70,9 @@ async def backfill(config: Config, project: int | None, out: TextIO) -> dict[Job
                 new = await reconcile(client, queue, project_id, config.prediction.model_version)
                 print(f"project {project_id}: {new} task(s) queued", file=out)
             total = queue.pending()
-            settings = WorkerSettings(config.prediction, outage_limit_s=BACKFILL_OUTAGE_LIMIT_S)
+            settings = WorkerSettings(
+                config.prediction, config.worker, outage_limit_s=BACKFILL_OUTAGE_LIMIT_S
+            )
             worker = Worker(queue, client, model, targets, settings)
             with tqdm(total=total, unit="task", desc="backfill", disable=None) as bar:
                 runner = asyncio.create_task(worker.run_until_idle())

@@ -46,12 +46,12 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from service.config import PredictionConfig
+from service.config import PredictionConfig, WorkerConfig
 from service.errors import AuthError, AutosegError, NotFoundError, RetryableError
 from service.labelstudio import LabelStudioClient, PredictionIn, Task
 from service.model import ImagePrediction, Segmenter
@@ -91,20 +91,12 @@ class WorkerMetrics(Protocol):
 
 @dataclass(frozen=True)
 class WorkerSettings:
+    """What the worker runs with: the prediction settings, the operator's worker section, and
+    how long a one-off run (``backfill``) waits out an outage (None: as long as it takes)."""
+
     prediction: PredictionConfig
-    concurrency: int = 4
-    batch_wait_s: float = 0.05
-    not_found_grace_s: float = 30.0
-    retry_base_s: float = 2.0
-    retry_max_s: float = 120.0
-    idle_poll_s: float = 1.0
-    shutdown_grace_s: float = 30.0
-    outage_probe_s: float = 5.0
-    # Label Studio sends TASKS_CREATED from inside the import request; a task read at once
-    # was seen (once, on a busy machine) without the annotation imported with it. A job is
-    # therefore first read this long after it was queued.
-    settle_s: float = 2.0
-    outage_limit_s: float | None = None  # None: wait for Label Studio as long as it takes
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    outage_limit_s: float | None = None
 
 
 class SkipJob(Exception):
@@ -140,7 +132,7 @@ class Worker:
         self._wake = asyncio.Event()
         # Jobs held at once (claimed, not yet settled): enough to keep downloads, one batch in
         # the model and posts all busy, few enough that a crash re-queues little.
-        self._capacity = settings.concurrency * 2 + model.batch_size * 2
+        self._capacity = settings.worker.concurrency * 2 + model.batch_size * 2
         # Claim in groups of at least a model batch while others are held: every claim costs
         # Label Studio one task-list request, whose fixed cost dominates a group of one.
         self._claim_min = min(self._capacity, model.batch_size)
@@ -151,7 +143,7 @@ class Worker:
         self._results: asyncio.Queue[tuple[_Prepared, ImagePrediction | str]] = asyncio.Queue()
         self._posting: list[tuple[_Prepared, ImagePrediction | str]] = []  # in a post now
         self._tasks: set[asyncio.Task[None]] = set()
-        self._io = asyncio.Semaphore(settings.concurrency)
+        self._io = asyncio.Semaphore(settings.worker.concurrency)
         self._batch: list[_Prepared] = []  # in the model right now
         self.outage: str | None = None  # why Label Studio cannot be used right now
         self._outage_since = 0.0
@@ -214,7 +206,7 @@ class Worker:
             await self._wait(stop)
 
     async def _wait(self, stop: asyncio.Event) -> None:
-        timeout = self.settings.idle_poll_s
+        timeout = self.settings.worker.idle_poll_s
         due = await asyncio.to_thread(self.queue.next_due)
         if due is not None:
             timeout = min(timeout, max(0.0, due - self.clock()))
@@ -236,7 +228,7 @@ class Worker:
                 log.warning(
                     "Label Studio unusable, jobs wait in the queue (not failed) and the worker "
                     "probes every %.0f s: %s",
-                    self.settings.outage_probe_s,
+                    self.settings.worker.outage_probe_s,
                     self.outage,
                 )
                 if self.metrics:
@@ -248,7 +240,7 @@ class Worker:
 
     async def _probe(self, stop: asyncio.Event) -> None:
         """One outage probe after ``outage_probe_s``; ends the outage when Label Studio answers."""
-        await _first(stop.wait(), timeout=self.settings.outage_probe_s)
+        await _first(stop.wait(), timeout=self.settings.worker.outage_probe_s)
         if stop.is_set():
             return
         down_s = time.monotonic() - self._outage_since
@@ -283,7 +275,7 @@ class Worker:
 
     async def _shutdown(self, loops: list[asyncio.Task[None]]) -> None:
         """Let jobs in flight finish for a while, then cancel them (they are released)."""
-        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        deadline = time.monotonic() + self.settings.worker.shutdown_grace_s
         while self._in_flight() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for task in list(self._tasks):
@@ -315,7 +307,9 @@ class Worker:
         started = self.clock()
         unsettled = {job.id: job for job in jobs}
         try:
-            settle = max(job.created_at for job in jobs) + self.settings.settle_s - self.clock()
+            settle = (
+                max(job.created_at for job in jobs) + self.settings.worker.settle_s - self.clock()
+            )
             if settle > 0:
                 await asyncio.sleep(settle)
             async with self._io:
@@ -389,7 +383,7 @@ class Worker:
         try:
             return await self.client.get_task(job.task)
         except NotFoundError as exc:
-            if self.clock() - job.created_at < self.settings.not_found_grace_s:
+            if self.clock() - job.created_at < self.settings.worker.not_found_grace_s:
                 raise _NotYet(f"task {job.task} not found yet (import not committed?)") from exc
             raise
 
@@ -412,7 +406,7 @@ class Worker:
             # ``_batch`` tells shutdown so, and a cancel gives its jobs back to the queue.
             self._batch = batch
             try:
-                deadline = time.monotonic() + self.settings.batch_wait_s
+                deadline = time.monotonic() + self.settings.worker.batch_wait_s
                 while len(batch) < batch_size:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 and self._ready.empty():
@@ -540,7 +534,7 @@ class Worker:
         took 340 ms of its CPU in a project of 200 predicted tasks, 3.1 s in one of 6000),
         where one ``POST /api/predictions/`` stays at 30-50 ms whatever the project's size.
         """
-        limit = asyncio.Semaphore(self.settings.concurrency)
+        limit = asyncio.Semaphore(self.settings.worker.concurrency)
 
         async def one(prediction: PredictionIn) -> BaseException | str:
             async with limit:
@@ -602,7 +596,7 @@ class Worker:
             if self.metrics:
                 self.metrics.job_retried()
         elif isinstance(exc, RetryableError):
-            await self._retry(job, str(exc), base=self.settings.retry_base_s)
+            await self._retry(job, str(exc), base=self.settings.worker.retry_base_s)
         elif isinstance(exc, AutosegError | _Permanent):
             await self._finish(job, "failed", str(exc), started)
         elif isinstance(exc, Exception):
@@ -617,7 +611,7 @@ class Worker:
             raise exc
 
     async def _retry(self, job: Job, reason: str, base: float) -> None:
-        delay = min(self.settings.retry_max_s, base * 2 ** max(0, job.attempts - 1))
+        delay = min(self.settings.worker.retry_max_s, base * 2 ** max(0, job.attempts - 1))
         after = await asyncio.to_thread(self.queue.retry_later, job.id, reason, delay)
         if self.metrics:
             self.metrics.job_retried()
