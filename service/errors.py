@@ -2,6 +2,9 @@
 
     AutosegError                 base of everything this package raises on purpose
     ├── ConfigError              bad or missing settings; fix the config and start again
+    ├── BadWebhook               a webhook body we do not understand (answered 400)
+    ├── LabelStudioServerError   the local Label Studio (tests, quickstart) would not install
+    │                            or start
     ├── PermanentError           retrying will not help: the job fails at once
     │   ├── ImageError           unreadable, corrupt or too large image
     │   ├── ModelError           the model file or its output does not fit the contract
@@ -25,6 +28,15 @@ class AutosegError(Exception):
 
 class ConfigError(AutosegError):
     """Settings are missing, unknown or of the wrong type."""
+
+
+class BadWebhook(AutosegError):
+    """A body that is not a webhook we understand; the message is safe to send back (it names
+    the offending field, never its value)."""
+
+
+class LabelStudioServerError(AutosegError):
+    """The local Label Studio of ``service.local.lsserver`` could not be installed or started."""
 
 
 class PermanentError(AutosegError):

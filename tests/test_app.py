@@ -732,7 +732,8 @@ def test_no_secret_or_payload_in_logs_or_responses(
 )
 def test_fast_decoding_gives_the_same_event_or_error_as_json_loads(body: object) -> None:
     """The msgspec path must accept and refuse exactly what the json.loads path does."""
-    from service.intake.webhook import BadWebhook, _decode_slow, decode_event
+    from service.errors import BadWebhook
+    from service.intake.webhook import _decode_slow, decode_event
 
     raw = json.dumps(body).encode()
     try:

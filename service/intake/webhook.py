@@ -40,7 +40,7 @@ from starlette.types import Lifespan
 
 from service.config import Config, MissingEnv
 from service.constants import SECRET_HEADER, TASKS_CREATED
-from service.errors import ConfigError, RetryableError
+from service.errors import BadWebhook, ConfigError, RetryableError
 from service.metrics import Metrics
 from service.queue import JobQueue
 
@@ -133,10 +133,6 @@ class WebhookEvent:
     action: str
     project: int | None
     task_ids: tuple[int, ...] | None
-
-
-class BadWebhook(ValueError):
-    """A body that is not a webhook we understand; the message is safe to send back."""
 
 
 def _positive_id(value: object) -> bool:

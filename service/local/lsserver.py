@@ -24,16 +24,12 @@ from pathlib import Path
 
 import httpx
 
-from service.errors import AutosegError
+from service.errors import LabelStudioServerError
 
 log = logging.getLogger(__name__)
 
 LABEL_STUDIO_VERSION = "1.23.2"
 CACHE_ENV_VAR = "LS_AUTOSEG_CACHE"
-
-
-class LabelStudioServerError(AutosegError):
-    """The local Label Studio could not be installed or started."""
 
 
 def cache_dir() -> Path:
