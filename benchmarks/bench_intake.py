@@ -47,7 +47,6 @@ import platform
 import signal
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -60,7 +59,9 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from machine import cpu_seconds, machine_line, service_config, wait_http  # noqa: E402
+from machine import cpu_seconds, machine_line, service_config  # noqa: E402
+
+from service.local.process import ServiceProcess  # noqa: E402
 
 TARGET_P99_MS = 250.0
 SECRET = "bench-intake-secret-7b1e"
@@ -345,25 +346,22 @@ def main() -> int:
 
     log = folder / "server.log"
     env = {**os.environ, "LS_AUTOSEG_WEBHOOK_SECRET": SECRET, "LABEL_STUDIO_TOKEN": "unused"}
-    with log.open("wb") as log_file:
-        server = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(config)],
-            cwd=REPO,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
+    server = ServiceProcess(
+        config, port, log, env, command=[sys.executable, __file__, "--serve", str(config)]
+    )
+    url = server.url
     try:
-        wait_http(server, f"{url}/health", log, 60, "server")
+        server.start(timeout_s=60, ready_path="/health")
+        assert server.process is not None
+        pid = server.process.pid
         answers: list[Any] = []
         if args.solo:
             solo, wall = send_all(f"{url}/webhook", bodies[: args.solo], 1)
             summarize("one at a time (idle server)", solo, wall, args.tasks)
             answers += solo
-        cpu = cpu_seconds(server.pid), time.process_time(), machine_busy_seconds()
+        cpu = cpu_seconds(pid), time.process_time(), machine_busy_seconds()
         loaded, wall = send_all(f"{url}/webhook", bodies[args.solo :], args.senders)
-        server_s = cpu_seconds(server.pid) - cpu[0]
+        server_s = cpu_seconds(pid) - cpu[0]
         client_s = time.process_time() - cpu[1]
         other_s = machine_busy_seconds() - cpu[2] - server_s - client_s
         answers += loaded
@@ -384,8 +382,7 @@ def main() -> int:
             flush=True,
         )
     finally:
-        server.send_signal(signal.SIGKILL)  # no graceful shutdown: only commits survive
-        server.wait()
+        server.stop(signal.SIGKILL)  # no graceful shutdown: only commits survive
         del bodies
 
     bad = [(i, status, text[:200]) for i, _, status, text in answers if status != 200]

@@ -46,7 +46,6 @@ import asyncio
 import io
 import os
 import platform
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -61,10 +60,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from machine import cpu_seconds, machine_line, service_config, wait_http
+from machine import cpu_seconds, machine_line, service_config
 
 from service.labelstudio import LabelStudioClient
 from service.local import lsserver
+from service.local.process import ServiceProcess
 from service.local.quickstart import label_config
 from service.local.synthetic import make_sample
 
@@ -258,7 +258,7 @@ def main() -> int:
         f"{time.perf_counter() - began:.1f} s at {ls.url}",
         flush=True,
     )
-    service: subprocess.Popen[bytes] | None = None
+    service: ServiceProcess | None = None
     try:
         repo_config = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
         labels = list(repo_config["model"]["labels"])
@@ -278,37 +278,29 @@ def main() -> int:
             "LABEL_STUDIO_TOKEN": ls.legacy_token,
             "LS_AUTOSEG_WEBHOOK_SECRET": SECRET,
         }
-        log = folder / "service.log"
+        service = ServiceProcess(config, port, folder / "service.log", env)
         began = time.perf_counter()
-        with log.open("wb") as log_file:
-            service = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve", "--config", str(config)],
-                cwd=REPO,
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-        wait_http(service, f"http://127.0.0.1:{port}/ready", log, 120, "service")
-        ready_mem = proc_status_mb(service.pid) or (float("nan"), float("nan"))
-        cpu_before = cpu_seconds(service.pid), cpu_seconds(ls.process.pid)
+        service.start(timeout_s=120)
+        assert service.process is not None
+        pid = service.process.pid
+        ready_mem = proc_status_mb(pid) or (float("nan"), float("nan"))
+        cpu_before = cpu_seconds(pid), cpu_seconds(ls.process.pid)
         print(
             f"service ready in {time.perf_counter() - began:.1f} s: VmRSS {ready_mem[0]:.1f} MB,"
             f" VmHWM {ready_mem[1]:.1f} MB",
             flush=True,
         )
-        state = watch(service, folder / "state" / "jobs.sqlite3", total, args)
-        final = proc_status_mb(service.pid)
+        state = watch(service.process, folder / "state" / "jobs.sqlite3", total, args)
+        final = proc_status_mb(pid)
         cpu_used = (
-            cpu_seconds(service.pid) - cpu_before[0],
+            cpu_seconds(pid) - cpu_before[0],
             cpu_seconds(ls.process.pid) - cpu_before[1],
         )
-        service.send_signal(signal.SIGTERM)
-        code = service.wait(timeout=90)
+        code = service.stop(timeout_s=90)
         print(f"service stopped with SIGTERM: exit code {code}", flush=True)
     finally:
-        if service is not None and service.poll() is None:
+        if service is not None:
             service.kill()
-            service.wait()
         ls.stop()
 
     hwm = final[1] if final else max(h for _, _, h, _ in state.samples)

@@ -58,10 +58,8 @@ import os
 import platform
 import secrets
 import shutil
-import signal
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -87,6 +85,7 @@ from machine import cpu_model  # noqa: E402
 from service.config import Config, PredictionConfig, load_config  # noqa: E402
 from service.labelstudio import LabelStudioClient  # noqa: E402
 from service.local import lsserver  # noqa: E402
+from service.local.process import ServiceProcess  # noqa: E402
 from service.local.quickstart import label_config  # noqa: E402
 from service.local.synthetic import make_sample  # noqa: E402
 from service.model import ImagePrediction, SegmentationModel  # noqa: E402
@@ -292,72 +291,17 @@ def write_config(
     return path
 
 
-class ServiceProcess:
-    """``ls-autoseg serve`` in a subprocess of its own process group (for CPU accounting)."""
+def service_metrics(url: str) -> dict[str, float]:
+    """The service's Prometheus samples, ``name{labels}`` -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    def __init__(self, config: Path, port: int, log: Path, env: dict[str, str]) -> None:
-        self.config = config
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-        self.env = env
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "service.cli", *args, "--config", str(self.config)],
-            env=self.env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-
-    def start(self, timeout_s: float = 120.0) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve", "--config", str(self.config)],
-                env=self.env,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"service exited:\n{self.tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise RuntimeError(f"service not ready within {timeout_s:.0f} s:\n{self.tail()}")
-
-    def stop(self) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-    def metrics(self) -> dict[str, float]:
-        """The service's Prometheus samples, ``name{labels}`` -> value."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-                out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
-        return out
-
-    def tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return "(no log)"
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return out
 
 
 @dataclass
@@ -457,7 +401,7 @@ async def run_service(
         await asyncio.sleep(POLL_S)
         journal = Journal.read(state_db)
     after = CpuSnapshot.take(groups)
-    metrics = service.metrics()
+    metrics = service_metrics(service.url)
 
     problems: list[str] = []
     if journal.finished < len(files):

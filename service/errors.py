@@ -2,10 +2,16 @@
 
     AutosegError                 base of everything this package raises on purpose
     ├── ConfigError              bad or missing settings; fix the config and start again
+    ├── SkipJob                  not a failure: the worker ends the job as ``skipped`` (the task
+    │                            was annotated, or already holds this model version's prediction)
     ├── BadWebhook               a webhook body we do not understand (answered 400)
     ├── LabelStudioServerError   the local Label Studio (tests, quickstart) would not install
     │                            or start
-    ├── PermanentError           retrying will not help: the job fails at once
+    ├── ServiceStartError        ``serve`` in a subprocess (tests, benchmarks) exited or was not
+    │                            ready in time
+    ├── PermanentError           retrying will not help: the job fails at once (raised as
+    │   │                        such for a task of another project, no image URL, a model
+    │   │                        that failed on the batch)
     │   ├── ImageError           unreadable, corrupt or too large image
     │   ├── ModelError           the model file or its output does not fit the contract
     │   ├── RLEError             a mask or RLE stream that the brush format cannot hold
@@ -14,9 +20,12 @@
     │       ├── AuthError        401/403: bad, expired or mixed-up token; message says why
     │       └── NotFoundError    404: a task, project or file that is not (yet) there
     └── RetryableError           transient: the worker retries with backoff
-        └── LabelStudioUnavailable  connection error, timeout, 429 or 5xx (after retries)
+        ├── LabelStudioUnavailable  connection error, timeout, 429 or 5xx (after retries)
+        └── NotYetVisible        a task's 404 soon after its webhook (the import has not
+                                 committed): retried from 1 s, never taken for an outage
 
-Code that decides whether to retry looks only at ``RetryableError`` vs the rest.
+Code that decides whether to retry looks only at ``RetryableError`` vs the rest; the worker
+(``service/worker/settle.py``) looks at ``SkipJob`` and ``NotYetVisible`` first.
 """
 
 from __future__ import annotations
@@ -37,6 +46,15 @@ class BadWebhook(AutosegError):
 
 class LabelStudioServerError(AutosegError):
     """The local Label Studio of ``service.local.lsserver`` could not be installed or started."""
+
+
+class ServiceStartError(AutosegError):
+    """``service.local.process.ServiceProcess`` could not start ``serve``; the log's tail says
+    why."""
+
+
+class SkipJob(AutosegError):
+    """Not an error: the job ends as ``skipped`` with this message as its reason."""
 
 
 class PermanentError(AutosegError):
@@ -81,3 +99,8 @@ class NotFoundError(LabelStudioError):
 
 class LabelStudioUnavailable(RetryableError):
     """Label Studio could not be reached, timed out, or answered 429/5xx, after retries."""
+
+
+class NotYetVisible(RetryableError):
+    """A task Label Studio answers 404 for within ``not_found_grace_s`` of its webhook (the web
+    UI's import sends the webhook before its transaction commits)."""

@@ -8,9 +8,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +24,7 @@ from PIL import Image
 from service.config import ModelConfig
 from service.labelstudio import LabelStudioClient, Task
 from service.local import lsserver
+from service.local.process import ServiceProcess
 from service.results import decode_result
 
 MakeClient = Callable[..., LabelStudioClient]
@@ -45,49 +43,13 @@ def picture(seed: int) -> tuple[bytes, np.ndarray]:
     return buf.getvalue(), image
 
 
-class ServiceProcess:
-    """``ls-autoseg serve`` in a subprocess, as an operator runs it."""
+class HarnessService(ServiceProcess):
+    """The shared ``ServiceProcess`` with this session's token and webhook secret, and the
+    checks the tests make of it."""
 
     def __init__(self, config: Path, port: int, log: Path, token: str) -> None:
-        self.config = config
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-        self.env = {**os.environ, "LABEL_STUDIO_TOKEN": token, "LS_AUTOSEG_WEBHOOK_SECRET": SECRET}
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve", "--config", str(self.config)],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"service not ready:\n{self.log.read_text()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.process is not None
-        self.process.send_signal(sig)
-        return self.process.wait(timeout=60)
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """Another ``ls-autoseg`` command on the same config and environment."""
-        return subprocess.run(
-            [sys.executable, "-m", "service.cli", *args, "--config", str(self.config)],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        env = {**os.environ, "LABEL_STUDIO_TOKEN": token, "LS_AUTOSEG_WEBHOOK_SECRET": SECRET}
+        super().__init__(config, port, log, env)
 
     def status(self) -> tuple[dict[str, int], str]:
         """``ls-autoseg status``: the job counts, and its whole output."""
@@ -96,14 +58,6 @@ class ServiceProcess:
         first = done.stdout.splitlines()[0].removeprefix("jobs: ")
         counts = {k: int(v) for k, v in (item.split(" ") for item in first.split(", "))}
         return counts, done.stdout
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def get(self, path: str) -> httpx.Response:
         return httpx.get(f"{self.url}{path}", timeout=10)
@@ -163,7 +117,7 @@ def upload(
 @dataclass
 class ServiceEnv:
     project: int
-    service: ServiceProcess
+    service: HarnessService
     config: Path
 
 
@@ -204,7 +158,7 @@ def make_env(
         merge = isinstance(current, dict) and isinstance(value, dict)
         settings[key] = {**current, **value} if merge else value  # type: ignore[dict-item]
     config.write_text(yaml.safe_dump(settings))
-    service = ServiceProcess(config, port, tmp_path / "service.log", local_ls.legacy_token)
+    service = HarnessService(config, port, tmp_path / "service.log", local_ls.legacy_token)
     # Register the webhook the way an operator does.
     done = service.cli("hook", "--url", f"{service.url}/webhook")
     assert done.returncode == 0, done.stderr

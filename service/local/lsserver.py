@@ -17,14 +17,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 from service.errors import LabelStudioServerError
+from service.local.process import log_tail, wait_http
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +101,11 @@ class LocalLabelStudio:
     log_path: Path
     env: Mapping[str, str] = field(default_factory=dict)
 
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
     def stop(self) -> None:
-        if self.process.poll() is None:
+        if self.alive():
             self.process.terminate()
             try:
                 self.process.wait(timeout=20)
@@ -180,30 +181,17 @@ def start(
 
 
 def wait_ready(server: LocalLabelStudio, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise LabelStudioServerError(
-                f"Label Studio exited with code {server.process.returncode}; "
-                f"last lines of {server.log_path}:\n{_tail(server.log_path)}"
-            )
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    if wait_http(f"{server.url}/health", timeout_s, alive=server.alive, interval_s=0.5):
+        return
+    if not server.alive():
+        raise LabelStudioServerError(
+            f"Label Studio exited with code {server.process.returncode}; "
+            f"last lines of {server.log_path}:\n{log_tail(server.log_path, 20)}"
+        )
     raise LabelStudioServerError(
         f"Label Studio did not answer within {timeout_s:.0f} s; see {server.log_path}:\n"
-        f"{_tail(server.log_path)}"
+        f"{log_tail(server.log_path, 20)}"
     )
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def main() -> int:
