@@ -63,7 +63,8 @@ def untouched_query(model_version: str, after_id: int = 0) -> dict[str, Any]:
     return {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]}
 
 
-def open_queue(config: Config) -> SQLiteJobQueue:
+def open_queue(config: Config) -> JobQueue:
+    """The service's job queue: SQLite in ``state_dir``, with the worker's attempt limit."""
     return SQLiteJobQueue(config.state_dir / QUEUE_FILE, max_attempts=config.worker.max_attempts)
 
 
@@ -134,7 +135,7 @@ class Service:
     """The running parts; also the ``ServiceHooks`` the app calls."""
 
     config: Config
-    queue: SQLiteJobQueue
+    queue: JobQueue
     client: LabelStudioClient
     model: SegmentationModel
     targets: dict[int, BrushTarget]

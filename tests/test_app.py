@@ -42,6 +42,7 @@ AUTH = {"X-Webhook-Secret": SECRET}
 PROJECT = 3
 OTHER_PROJECT = 4
 MODEL_VERSION = "seg-v7"
+MAX_ATTEMPTS = 3  # the queue needs one; no webhook test retries a job
 # What Label Studio puts in a payload that must never show up in a log or a response.
 PROJECT_TOKEN = "ls-project-token-Yy61"
 TASK_PASSWORD = "task-data-password-Pp02"
@@ -142,7 +143,7 @@ def make_service(db_path: Path) -> Iterator[MakeService]:
     opened: list[tuple[TestClient, SQLiteJobQueue]] = []
 
     def make(queue_kwargs: dict[str, Any] | None = None, **overrides: Any) -> Service:
-        queue = SQLiteJobQueue(db_path, **(queue_kwargs or {}))
+        queue = SQLiteJobQueue(db_path, max_attempts=MAX_ATTEMPTS, **(queue_kwargs or {}))
         hooks = FakeHooks()
         metrics = Metrics(queue)
         config = settings(**overrides)
@@ -211,7 +212,7 @@ def test_non_ascii_secret(make_service: MakeService) -> None:
 
 
 def test_app_refuses_to_start_without_a_secret(db_path: Path) -> None:
-    with SQLiteJobQueue(db_path) as queue:
+    with SQLiteJobQueue(db_path, max_attempts=MAX_ATTEMPTS) as queue:
         for secret in (None, ""):
             with pytest.raises(ConfigError, match="allow_unauthenticated: true"):
                 create_app(settings(secret=secret), queue, FakeHooks(), Metrics())
@@ -264,7 +265,7 @@ def test_tasks_created_queues_durably_and_wakes_the_worker(service: Service) -> 
     assert service.hooks.wakes == 1
     # A second connection on the same file sees the jobs: they were committed before the answer
     # (in the inbox; the claim of a worker, or expand, makes them jobs).
-    with SQLiteJobQueue(service.db_path) as reopened:
+    with SQLiteJobQueue(service.db_path, max_attempts=MAX_ATTEMPTS) as reopened:
         assert reopened.counts()[JobState.QUEUED] == 3
         assert reopened.expand() == 3
         for task in (11, 12, 13):
@@ -303,7 +304,7 @@ def test_five_thousand_tasks_in_one_webhook(service: Service) -> None:
     response = service.post(body)
     assert response.status_code == 200
     assert response.json() == {"queued": 5000}
-    with SQLiteJobQueue(service.db_path) as reopened:
+    with SQLiteJobQueue(service.db_path, max_attempts=MAX_ATTEMPTS) as reopened:
         assert reopened.expand() == 5000
         assert reopened.counts()[JobState.QUEUED] == 5000
         assert reopened.get(PROJECT, 100_001, MODEL_VERSION) is not None
@@ -592,7 +593,7 @@ def test_lifespan_is_run(db_path: Path) -> None:
         yield
         events.append("stop")
 
-    with SQLiteJobQueue(db_path) as queue:
+    with SQLiteJobQueue(db_path, max_attempts=MAX_ATTEMPTS) as queue:
         app = create_app(settings(), queue, FakeHooks(), Metrics(queue), lifespan=lifespan)
         with TestClient(app) as client:
             assert events == ["start"]
@@ -674,7 +675,7 @@ def test_worker_metrics() -> None:
 def test_metrics_scrape_survives_a_closed_queue(
     db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    queue = SQLiteJobQueue(db_path)
+    queue = SQLiteJobQueue(db_path, max_attempts=MAX_ATTEMPTS)
     metrics = Metrics(queue)
     queue.close()
     with caplog.at_level(logging.WARNING, logger="service.metrics"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import ConfigError, RetryableError
-from service.queue import SCHEMA_VERSION, Job, JobQueue, JobState, SQLiteJobQueue
+from service.queue import SCHEMA_VERSION, Job, JobQueue, JobState, QueueSpan, SQLiteJobQueue
 
 T0 = 1_700_000_000.0
 
@@ -47,6 +47,7 @@ def make_queue(db_path: Path) -> Iterator[MakeQueue]:
     opened: list[SQLiteJobQueue] = []
 
     def make(**kwargs: object) -> SQLiteJobQueue:
+        kwargs.setdefault("max_attempts", 3)
         queue = SQLiteJobQueue(db_path, **kwargs)  # type: ignore[arg-type]
         opened.append(queue)
         return queue
@@ -630,7 +631,7 @@ def test_the_sqlite_queue_fits_the_interface(queue: SQLiteJobQueue) -> None:
 
 def test_creates_the_state_folder_and_closes_as_a_context_manager(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "jobs.sqlite3"
-    with SQLiteJobQueue(path) as queue:
+    with SQLiteJobQueue(path, max_attempts=3) as queue:
         queue.enqueue(1, [1], "v1")
     assert path.exists()
     with pytest.raises(RuntimeError, match="closed"):
@@ -642,25 +643,25 @@ def test_an_unusable_state_dir_is_a_config_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="cannot create the folder"):
-        SQLiteJobQueue(blocker / "jobs.sqlite3")
+        SQLiteJobQueue(blocker / "jobs.sqlite3", max_attempts=3)
     with pytest.raises(ConfigError, match="cannot be used"):
-        SQLiteJobQueue(tmp_path)  # a folder, not a file
+        SQLiteJobQueue(tmp_path, max_attempts=3)  # a folder, not a file
 
 
 def test_a_file_that_is_not_a_database_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "jobs.sqlite3"
     path.write_bytes(b"this is not a database, just some text" * 100)
     with pytest.raises(ConfigError, match="not a database"):
-        SQLiteJobQueue(path)
+        SQLiteJobQueue(path, max_attempts=3)
 
 
 def test_a_database_from_a_newer_version_is_a_config_error(db_path: Path) -> None:
-    SQLiteJobQueue(db_path).close()
+    SQLiteJobQueue(db_path, max_attempts=3).close()
     conn = sqlite3.connect(db_path)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
     with pytest.raises(ConfigError, match=f"schema version {SCHEMA_VERSION + 1}"):
-        SQLiteJobQueue(db_path)
+        SQLiteJobQueue(db_path, max_attempts=3)
 
 
 def test_a_database_locked_past_the_busy_timeout_is_retryable(
@@ -682,7 +683,7 @@ def test_constructor_rejects_bad_settings(db_path: Path) -> None:
     with pytest.raises(ValueError, match="max_attempts"):
         SQLiteJobQueue(db_path, max_attempts=0)
     with pytest.raises(ValueError, match="busy_timeout_s"):
-        SQLiteJobQueue(db_path, busy_timeout_s=-1)
+        SQLiteJobQueue(db_path, max_attempts=3, busy_timeout_s=-1)
 
 
 # -- the inbox: accept now, expand into jobs later -------------------------------------------
@@ -692,7 +693,7 @@ def test_accepted_ids_survive_a_kill_and_become_jobs_on_the_next_claim(db_path: 
     result = run_child("accept-and-die", db_path, 5000)
     assert result.returncode == -signal.SIGKILL, result.stderr
     assert all_rows(db_path) == []  # not expanded: still in the inbox
-    with SQLiteJobQueue(db_path) as queue:
+    with SQLiteJobQueue(db_path, max_attempts=3) as queue:
         assert queue.pending() == 5000
         assert queue.counts()[JobState.QUEUED] == 5000
         claimed = queue.claim(10)
@@ -775,6 +776,39 @@ def test_a_version_1_database_gets_the_inbox(db_path: Path) -> None:
     )
     conn.execute("PRAGMA user_version = 1")
     conn.close()
-    with SQLiteJobQueue(db_path) as queue:
+    with SQLiteJobQueue(db_path, max_attempts=3) as queue:
         queue.accept(1, [9, 10], "v1")
         assert sorted(job.task for job in queue.claim(5)) == [9, 10]
+
+
+def test_span_reports_jobs_accepted_ids_task_bounds_and_times(
+    queue: SQLiteJobQueue, clock: FakeClock
+) -> None:
+    assert queue.span() == QueueSpan(
+        jobs=0,
+        accepted=0,
+        first_task=None,
+        last_task=None,
+        first_created=None,
+        last_created=None,
+        last_done=None,
+    )
+    queue.enqueue(3, [20, 10], "v1")
+    clock.advance(5)
+    queue.enqueue(3, [30], "v1")
+    queue.accept(3, [40, 40], "v1")
+    first, _ = queue.claim(2)  # expands the inbox first: task 40 becomes a job now
+    clock.advance(5)
+    queue.mark_done(first.id)
+    assert queue.span() == QueueSpan(
+        jobs=4,
+        accepted=0,
+        first_task=10,
+        last_task=40,
+        first_created=T0,
+        last_created=T0 + 5,
+        last_done=T0 + 10,
+    )
+    queue.accept(3, [50, 60], "v1")
+    assert queue.span().accepted == 2
+    assert queue.span().jobs + queue.span().accepted == sum(queue.counts().values())

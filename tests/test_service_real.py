@@ -249,7 +249,7 @@ def test_reconcile_pages_by_id_while_tasks_leave_the_filter(
             # one already predicted by us, one annotated: neither is reconciled
             await ls.create_prediction(PredictionIn(ids[4], brush_result(), 0.5, "svc-v1"))
             await ls.create_annotation(ids[7], brush_result())
-            with FastWorkerQueue(tmp_path / "jobs.sqlite3") as queue:
+            with FastWorkerQueue(tmp_path / "jobs.sqlite3", max_attempts=3) as queue:
                 # reconcile runs in this loop; the queue's own loop runs in its thread
                 new = await reconcile(ls, queue, project, "svc-v1", page_size=2)
                 queued = {t for t in ids if queue.get(project, t, "svc-v1") is not None}

@@ -449,7 +449,7 @@ def test_the_post_loop_survives_a_journal_error_and_posts_the_rest(
             stop.set()
             await runner
 
-    with FlakyQueue(tmp_path / "jobs.sqlite3") as queue:
+    with FlakyQueue(tmp_path / "jobs.sqlite3", max_attempts=4) as queue:
         asyncio.run(main(queue))
         counts = queue.counts()
         # The one whose journal write failed is left running: the next start re-queues it.
@@ -483,7 +483,7 @@ def test_a_full_worker_waits_for_a_free_slot_instead_of_polling_the_queue(
                 await posts_may_answer.wait()
             return fake.handler(request)
 
-        with CountingQueue(tmp_path / "jobs.sqlite3") as queue:
+        with CountingQueue(tmp_path / "jobs.sqlite3", max_attempts=4) as queue:
             async with fake_client(handler) as client:
                 worker = make_worker(
                     queue,
@@ -526,7 +526,7 @@ def test_a_job_is_first_read_settle_s_after_it_was_queued(
         return fake.handler(request)
 
     async def main() -> float:
-        with SQLiteJobQueue(tmp_path / "jobs.sqlite3") as queue:
+        with SQLiteJobQueue(tmp_path / "jobs.sqlite3", max_attempts=4) as queue:
             async with fake_client(handler) as client:
                 worker = make_worker(
                     queue, client, model, prediction=PredictionConfig(min_pixels=0), settle_s=0.5

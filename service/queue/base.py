@@ -26,9 +26,12 @@ States::
       +--release---------+
       +--recover---------+    (recover at max_attempts -> failed)
 
-``JobQueue`` is the interface the webhook, the worker, reconcile and ``status`` use; every
-implementation passes ``tests/test_queue_contract.py``. ``SQLiteJobQueue``
-(``service/queue/sqlite.py``) keeps the journal in one SQLite file.
+``JobQueue`` holds exactly what its users call: the webhook (``accept``), the worker
+(``claim``, ``mark_*``, ``retry_later``, ``release``, ``next_due``, ``pending``), reconcile
+(``enqueue``), ``status``/``backfill`` (``counts``, ``recent_failures``, ``pending``,
+``recover``), the metrics (``counts``) and the benchmarks (``span``), plus ``get`` for the
+contract suite. Every implementation passes ``tests/test_queue_contract.py``.
+``SQLiteJobQueue`` (``service/queue/sqlite.py``) keeps the journal in one SQLite file.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 
 class JobState(StrEnum):
@@ -65,21 +69,43 @@ class Job:
     not_before: float
 
 
+@dataclass(frozen=True)
+class QueueSpan:
+    """How far the journal reaches, for reports and benchmarks; times from the queue's clock.
+
+    ``jobs`` counts job records; ``accepted`` the task ids accepted but not made jobs yet
+    (repeats included; 0 for a store whose ``accept`` writes jobs at once), so that
+    ``jobs + accepted`` is the sum of ``counts()``. The bounds cover the jobs only and are
+    None while there are none; ``last_done`` is the latest ``updated_at`` of a done job.
+    """
+
+    jobs: int
+    accepted: int
+    first_task: int | None
+    last_task: int | None
+    first_created: float | None
+    last_created: float | None
+    last_done: float | None
+
+
 class JobQueue(Protocol):
-    """What the webhook handler and the workers need from a job store."""
+    """What the webhook handler, the workers, reconcile and the operator commands need from a
+    job store. Methods that take a ``job_id`` accept only a running job (``ValueError``
+    otherwise); every method of a closed queue raises ``RuntimeError``.
+
+    Not here on purpose: turning accepted ids into jobs (``SQLiteJobQueue.expand``) is how
+    SQLite keeps ``accept`` fast behind its one writer, an implementation's own business;
+    ``claim`` does it first, so no user of the queue needs to.
+    """
 
     def enqueue(self, project: int, task_ids: Sequence[int], model_version: str) -> int:
         """Record one queued job per new task id, durably; return how many were new."""
         ...
 
     def accept(self, project: int, task_ids: Sequence[int], model_version: str) -> int:
-        """Record the task ids durably in the inbox, to become jobs on ``expand``; return how
-        many ids were given (repeats are dropped when expanded)."""
-        ...
-
-    def expand(self, max_rows: int | None = None) -> int:
-        """Turn inbox rows, oldest first (every one, or ``max_rows``), into jobs as ``enqueue``
-        does; return how many jobs were new."""
+        """Record the task ids durably, fast, to become jobs as ``enqueue`` would (dated now)
+        by the next ``claim`` at the latest; return how many ids were given. Until they are
+        jobs they count as queued (repeats perhaps too); a repeat never becomes a second job."""
         ...
 
     def claim(self, limit: int) -> list[Job]:
@@ -109,18 +135,44 @@ class JobQueue(Protocol):
         """
         ...
 
-    def counts(self) -> dict[JobState, int]: ...
-
-    def get(self, project: int, task: int, model_version: str) -> Job | None: ...
-
-    def recent_failures(self, limit: int = 20) -> list[Job]: ...
-
-    def next_due(self) -> float | None:
-        """Earliest ``not_before`` among queued jobs, or None when nothing is queued."""
+    def counts(self) -> dict[JobState, int]:
+        """Jobs by state, every state present; accepted ids not yet jobs count as queued."""
         ...
 
     def pending(self) -> int:
         """Jobs not finished yet: queued + running."""
         ...
 
-    def close(self) -> None: ...
+    def next_due(self) -> float | None:
+        """Earliest ``not_before`` among queued jobs, or None when nothing is queued."""
+        ...
+
+    def recent_failures(self, limit: int = 20) -> list[Job]:
+        """Failed jobs, the most recently failed first."""
+        ...
+
+    def span(self) -> QueueSpan:
+        """What the jobs span (count, task ids, times): the benchmarks' figures."""
+        ...
+
+    def get(self, project: int, task: int, model_version: str) -> Job | None:
+        """The job of that key, or None; never an accepted id not made a job yet.
+
+        No service path needs it (the worker holds the ``Job`` it claimed): it is here so that
+        the contract suite, and tests of the queue's users, can look at one job without
+        changing it, on any store. Its key is unique, so it is cheap everywhere.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the store; closing twice is fine."""
+        ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

@@ -19,12 +19,11 @@ from types import TracebackType
 from typing import NoReturn, Self
 
 from service.errors import ConfigError, RetryableError
-from service.queue.base import Job, JobQueue, JobState
+from service.queue.base import Job, JobQueue, JobState, QueueSpan
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: the inbox table
-DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_BUSY_TIMEOUT_S = 5.0
 _EXPAND_PER_CLAIM = 4
 MIN_SQLITE = (3, 38, 0)  # RETURNING (3.35) and built-in JSON (3.38)
@@ -147,14 +146,15 @@ class SQLiteJobQueue(JobQueue):
 
     One connection, used under a lock, serves every thread of the process; writes run in
     ``BEGIN IMMEDIATE`` transactions so that other processes on the same file wait (up to
-    ``busy_timeout_s``) instead of interleaving.
+    ``busy_timeout_s``) instead of interleaving. ``max_attempts`` has no default here: the
+    service's attempt limit is ``WorkerConfig.max_attempts``, passed in by ``open_queue``.
     """
 
     def __init__(
         self,
         path: Path,
         *,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_attempts: int,
         clock: Callable[[], float] = time.time,
         busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
     ) -> None:
@@ -524,6 +524,25 @@ class SQLiteJobQueue(JobQueue):
                 (limit,),
             ).fetchall()
         return [_row_to_job(row) for row in rows]
+
+    def span(self) -> QueueSpan:
+        with self._locked("span") as conn:
+            jobs, first_task, last_task, first_created, last_created = conn.execute(
+                "SELECT COUNT(*), MIN(task), MAX(task), MIN(created_at), MAX(created_at) FROM jobs"
+            ).fetchone()
+            (last_done,) = conn.execute(
+                "SELECT MAX(updated_at) FROM jobs WHERE state = 'done'"
+            ).fetchone()
+            accepted = self._inbox_ids(conn)
+        return QueueSpan(
+            jobs=int(jobs),
+            accepted=accepted,
+            first_task=first_task,
+            last_task=last_task,
+            first_created=None if first_created is None else float(first_created),
+            last_created=None if last_created is None else float(last_created),
+            last_done=None if last_done is None else float(last_done),
+        )
 
     def next_due(self) -> float | None:
         with self._locked("next_due") as conn:
