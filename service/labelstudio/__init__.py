@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from service.labelstudio.client import (
+from service.labelstudio.client import LabelStudioClient, detect_token_type
+from service.labelstudio.types import (
     CLOUD_SCHEMES,
     DEFAULT_MAX_BYTES,
     MAX_FILES_PER_IMPORT,
     Annotation,
     Control,
     ControlInput,
-    LabelStudioClient,
     Prediction,
     PredictionIn,
     Project,
     Task,
-    TokenType,
     Webhook,
-    detect_token_type,
 )
 
 __all__ = [
@@ -31,7 +29,6 @@ __all__ = [
     "PredictionIn",
     "Project",
     "Task",
-    "TokenType",
     "Webhook",
     "detect_token_type",
 ]

@@ -30,11 +30,10 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from types import MappingProxyType, TracebackType
+from types import TracebackType
 from typing import Any, Literal, Self
 
 import httpx
@@ -48,17 +47,37 @@ from service.errors import (
     LabelStudioUnavailable,
     NotFoundError,
 )
+from service.labelstudio.parse import (
+    _content_kind,
+    _error_detail,
+    _int_list,
+    _is_json,
+    _json,
+    _list,
+    _object,
+    _opt_int,
+    _opt_str,
+    _parse_annotation,
+    _parse_project,
+    _parse_task,
+    _parse_webhook,
+    _req_int,
+)
+from service.labelstudio.types import (
+    CLOUD_SCHEMES,
+    DEFAULT_MAX_BYTES,
+    MAX_FILES_PER_IMPORT,
+    MAX_TASKS_PER_READ,
+    Annotation,
+    PredictionIn,
+    Project,
+    Task,
+    Webhook,
+)
 
 log = logging.getLogger(__name__)
 
 
-CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
-"""URI schemes Label Studio 1.23.2 resolves through ``/tasks/{id}/resolve/`` (its storages'
-``url_scheme``: S3, GCS, Azure Blob)."""
-
-DEFAULT_MAX_BYTES = 200 * 1024 * 1024
-MAX_FILES_PER_IMPORT = 100  # Label Studio's own limit per multipart import request
-MAX_TASKS_PER_READ = 100  # task ids per list request (they travel in the URL)
 ACCESS_REFRESH_MARGIN_S = 30.0  # refresh a PAT's access token this long before it expires
 DEFAULT_ACCESS_LIFETIME_S = 300.0  # Label Studio's access tokens live 5 minutes
 
@@ -78,132 +97,6 @@ _LEGACY_DISABLED_HINT = (
     "in Organization settings -> API Tokens (POST /api/jwt/settings "
     '{"legacy_api_tokens_enabled": true})'
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# Typed values
-
-
-@dataclass(frozen=True)
-class ControlInput:
-    """An object tag a control labels: ``type`` e.g. ``Image``, ``value`` the task data key."""
-
-    type: str
-    value: str
-
-
-@dataclass(frozen=True)
-class Control:
-    """A control tag of the label config; ``name`` is a result's ``from_name``."""
-
-    name: str
-    type: str
-    to_name: tuple[str, ...]
-    inputs: tuple[ControlInput, ...]
-    labels: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Project:
-    id: int
-    title: str
-    label_config: str
-    controls: tuple[Control, ...]
-    model_version: str | None  # None when the project does not pin one ("" in Label Studio)
-
-    def control(self, name: str) -> Control | None:
-        return next((c for c in self.controls if c.name == name), None)
-
-
-@dataclass(frozen=True)
-class Annotation:
-    id: int
-    task: int | None
-    was_cancelled: bool
-    ground_truth: bool
-    completed_by: int | None
-    result: tuple[Mapping[str, Any], ...]
-    created_at: datetime | None
-    updated_at: datetime | None
-
-
-@dataclass(frozen=True)
-class Prediction:
-    id: int
-    task: int | None
-    model_version: str
-    score: float | None
-    result: tuple[Mapping[str, Any], ...]
-
-
-@dataclass(frozen=True)
-class Task:
-    """A task as Label Studio listed it.
-
-    ``annotations`` / ``predictions`` are None when the answer did not carry the lists (task
-    listings without ``fields=all``); the ``total_*`` counts are always there.
-    ``predictions_model_versions`` comes only with full lists (Label Studio answers "" otherwise).
-    """
-
-    id: int
-    project: int | None
-    data: Mapping[str, Any]
-    annotations: tuple[Annotation, ...] | None
-    predictions: tuple[Prediction, ...] | None
-    total_annotations: int  # without cancelled (skipped) ones
-    cancelled_annotations: int
-    total_predictions: int
-    predictions_model_versions: tuple[str, ...]
-    updated_at: datetime | None
-
-    @property
-    def is_annotated(self) -> bool:
-        """A person has looked at it: any annotation, submitted or skipped.
-
-        The annotation list decides when it was fetched: Label Studio updates the task's
-        counters after an import has already sent its webhook, so a fresh task can show 0 with
-        one there.
-        """
-        if self.annotations:
-            return True
-        return self.total_annotations > 0 or self.cancelled_annotations > 0
-
-    def has_prediction_of(self, model_version: str) -> bool:
-        """Holds a prediction of exactly this model_version."""
-        if self.predictions is not None:
-            return any(p.model_version == model_version for p in self.predictions)
-        return model_version in self.predictions_model_versions
-
-
-@dataclass(frozen=True)
-class PredictionIn:
-    """A prediction to create. Label Studio 1.23.2 does not check ``result`` against the label
-    config on ``create_prediction`` (and silently drops misfits on ``import_predictions``)."""
-
-    task: int
-    result: list[dict[str, Any]]
-    score: float
-    model_version: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "result": self.result,
-            "score": self.score,
-            "model_version": self.model_version,
-        }
-
-
-@dataclass(frozen=True)
-class Webhook:
-    id: int
-    project: int | None
-    url: str
-    headers: Mapping[str, str]
-    actions: tuple[str, ...]
-    send_payload: bool
-    send_for_all_actions: bool
-    is_active: bool
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1001,15 +894,6 @@ def _strip_query(url: str) -> str:
     return url.split("?", 1)[0].split("#", 1)[0]
 
 
-def _is_json(response: httpx.Response) -> bool:
-    return "json" in response.headers.get("content-type", "").lower()
-
-
-def _content_kind(response: httpx.Response) -> str:
-    kind = response.headers.get("content-type", "").split(";")[0].strip()
-    return f"({kind})" if kind else "(no content type)"
-
-
 async def _read_error_body(response: httpx.Response) -> httpx.Response:
     """Read an error answer (bounded: a 5xx to a download may be large) into a closed copy."""
     chunks: list[bytes] = []
@@ -1076,239 +960,3 @@ def _retry_after_s(response: httpx.Response) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-def _error_detail(response: httpx.Response) -> str:
-    """Label Studio's ``detail`` (+ ``validation_errors``), short; never ``exc_info``."""
-    if not _is_json(response):
-        return ""
-    try:
-        body = response.json()
-    except ValueError:
-        return ""
-    if not isinstance(body, dict):
-        return _short(json.dumps(body, ensure_ascii=False))
-    detail = body.get("detail")
-    text = detail if isinstance(detail, str) else ("" if detail is None else json.dumps(detail))
-    errors = body.get("validation_errors")
-    if errors:
-        text = f"{text}: {json.dumps(errors, ensure_ascii=False)}" if text else json.dumps(errors)
-    if not text and "detail" not in body and "exc_info" not in body:
-        text = json.dumps(body, ensure_ascii=False)  # a bare DRF error dict
-    return _short(text)
-
-
-def _short(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _DETAIL_MAX_CHARS else text[: _DETAIL_MAX_CHARS - 3] + "..."
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsing Label Studio's JSON
-
-
-def _json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError as exc:
-        path = response.request.url.path
-        raise LabelStudioError(
-            f"{response.request.method} {path}: Label Studio answered {response.status_code} "
-            f"{_content_kind(response)} that is not JSON",
-            response.status_code,
-        ) from exc
-
-
-def _bad(what: str, why: str) -> LabelStudioError:
-    return LabelStudioError(f"unexpected answer from Label Studio ({what}): {why}")
-
-
-def _object(value: Any, what: str) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise _bad(what, f"expected an object, got {type(value).__name__}")
-    return value
-
-
-def _list(value: Any, what: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise _bad(what, f"expected a list, got {type(value).__name__}")
-    return value
-
-
-def _req_int(obj: Mapping[str, Any], key: str) -> int:
-    value = obj.get(key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(key, f"expected an integer, got {type(value).__name__}")
-    return value
-
-
-def _opt_int(obj: Mapping[str, Any], key: str) -> int | None:
-    value = obj.get(key)
-    if isinstance(value, dict):  # e.g. completed_by expanded into a user object
-        value = value.get("id")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
-    value = obj.get(key)
-    return value if isinstance(value, str) else None
-
-
-def _opt_float(obj: Mapping[str, Any], key: str) -> float | None:
-    value = obj.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def _opt_datetime(obj: Mapping[str, Any], key: str) -> datetime | None:
-    value = obj.get(key)
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        return None
-
-
-def _int_list(value: Any, what: str) -> list[int]:
-    items = _list(value, what)
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-        raise _bad(what, "expected a list of integers")
-    return list(items)
-
-
-def _str_tuple(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):  # "v2,v1" in task listings
-        return tuple(part.strip() for part in value.split(",") if part.strip())
-    if isinstance(value, list):
-        return tuple(str(v) for v in value if v is not None and str(v))
-    return ()
-
-
-def _results(value: Any) -> tuple[Mapping[str, Any], ...]:
-    if not isinstance(value, list):
-        return ()
-    return tuple(MappingProxyType(r) for r in value if isinstance(r, dict))
-
-
-def _parse_control(name: str, raw: Any) -> Control:
-    obj = _object(raw, f"parsed_label_config.{name}")
-    inputs = tuple(
-        ControlInput(type=str(i.get("type") or ""), value=str(i.get("value") or ""))
-        for i in obj.get("inputs") or []
-        if isinstance(i, dict)
-    )
-    return Control(
-        name=name,
-        type=str(obj.get("type") or ""),
-        to_name=_str_tuple(obj.get("to_name") or []),
-        inputs=inputs,
-        labels=_str_tuple(obj.get("labels") or []),
-    )
-
-
-def _parse_project(raw: Any) -> Project:
-    obj = _object(raw, "project")
-    parsed = obj.get("parsed_label_config")
-    controls = (
-        tuple(_parse_control(str(name), value) for name, value in parsed.items())
-        if isinstance(parsed, dict)
-        else ()
-    )
-    return Project(
-        id=_req_int(obj, "id"),
-        title=_opt_str(obj, "title") or "",
-        label_config=_opt_str(obj, "label_config") or "",
-        controls=controls,
-        model_version=_opt_str(obj, "model_version") or None,
-    )
-
-
-def _parse_annotation(raw: Any) -> Annotation:
-    obj = _object(raw, "annotation")
-    return Annotation(
-        id=_req_int(obj, "id"),
-        task=_opt_int(obj, "task"),
-        was_cancelled=bool(obj.get("was_cancelled")),
-        ground_truth=bool(obj.get("ground_truth")),
-        completed_by=_opt_int(obj, "completed_by"),
-        result=_results(obj.get("result")),
-        created_at=_opt_datetime(obj, "created_at"),
-        updated_at=_opt_datetime(obj, "updated_at"),
-    )
-
-
-def _parse_prediction(raw: Any) -> Prediction:
-    obj = _object(raw, "prediction")
-    return Prediction(
-        id=_req_int(obj, "id"),
-        task=_opt_int(obj, "task"),
-        model_version=_opt_str(obj, "model_version") or "",
-        score=_opt_float(obj, "score"),
-        result=_results(obj.get("result")),
-    )
-
-
-def _parse_task(raw: Any) -> Task:
-    obj = _object(raw, "task")
-    data = obj.get("data")
-    annotations = obj.get("annotations")
-    predictions = obj.get("predictions")
-    parsed_predictions = (
-        tuple(_parse_prediction(p) for p in predictions) if isinstance(predictions, list) else None
-    )
-    versions = _str_tuple(obj.get("predictions_model_versions"))
-    if not versions and parsed_predictions:
-        versions = tuple(dict.fromkeys(p.model_version for p in parsed_predictions))
-    return Task(
-        id=_req_int(obj, "id"),
-        project=_opt_int(obj, "project"),
-        data=MappingProxyType(dict(data) if isinstance(data, dict) else {}),
-        annotations=(
-            tuple(_parse_annotation(a) for a in annotations)
-            if isinstance(annotations, list)
-            else None
-        ),
-        predictions=parsed_predictions,
-        total_annotations=_opt_int(obj, "total_annotations") or 0,
-        cancelled_annotations=_opt_int(obj, "cancelled_annotations") or 0,
-        total_predictions=_opt_int(obj, "total_predictions") or 0,
-        predictions_model_versions=versions,
-        updated_at=_opt_datetime(obj, "updated_at"),
-    )
-
-
-def _parse_webhook(raw: Any) -> Webhook:
-    obj = _object(raw, "webhook")
-    headers = obj.get("headers")
-    return Webhook(
-        id=_req_int(obj, "id"),
-        project=_opt_int(obj, "project"),
-        url=_opt_str(obj, "url") or "",
-        headers=MappingProxyType(
-            {str(k): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {}
-        ),
-        actions=_str_tuple(obj.get("actions") or []),
-        send_payload=bool(obj.get("send_payload")),
-        send_for_all_actions=bool(obj.get("send_for_all_actions")),
-        is_active=bool(obj.get("is_active")),
-    )
-
-
-__all__ = [
-    "CLOUD_SCHEMES",
-    "DEFAULT_MAX_BYTES",
-    "MAX_FILES_PER_IMPORT",
-    "Annotation",
-    "Control",
-    "ControlInput",
-    "LabelStudioClient",
-    "Prediction",
-    "PredictionIn",
-    "Project",
-    "Task",
-    "TokenType",
-    "Webhook",
-    "detect_token_type",
-]
