@@ -26,15 +26,17 @@ What it does:
    side's own output, not model work. The cost of ``build_prediction`` (the RLE encoding the
    service must do) is timed apart and printed for reference. One untimed batch warms the
    model up first.
-4. Service: ``python -m service.cli serve`` as a subprocess (as an operator runs it), waits
-   for ``/ready``, registers the webhook with ``python -m service.cli hook``, then imports all
-   images with one ``LabelStudioClient.upload_files`` call (Label Studio accepts at most 100
-   files per request, so that call sends ceil(N / 100) requests, one webhook each). The clock
-   starts just before that call and stops at the ``created_at`` of the last prediction, as
-   Label Studio recorded it (the service's own journal, which marks a job done after its POST
+4. Service: ``python -m service.cli serve`` as a subprocess (as an operator runs it,
+   ``service.local.process.ServiceProcess``), waits for ``/ready``, registers the webhook
+   with ``python -m service.cli hook``, then imports all images with one
+   ``LabelStudioClient.upload_files`` call (Label Studio accepts at most 100 files per
+   request, so that call sends ceil(N / 100) requests, one webhook each). The clock starts
+   just before that call and stops at the ``created_at`` of the last prediction, as Label
+   Studio recorded it (the service's own journal, which marks a job done after its POST
    returned, is printed as a cross-check). Progress is polled from the service's job journal
-   (SQLite, every 0.5 s), which puts no load on Label Studio. At the end every task is read
-   back: each must have exactly one prediction, of the configured model_version.
+   through the queue's own read API (``counts``, ``span``; every 0.5 s), which puts no load
+   on Label Studio. At the end every task is read back: each must have exactly one
+   prediction, of the configured model_version.
 5. Bare model again, ``--bare-runs`` runs, after the service has stopped. The bare figure is
    the median of all bare runs (before and after), so a load change on a shared machine hits
    both sides alike and one disturbed run does not decide it.
@@ -52,13 +54,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import os
 import platform
 import secrets
 import shutil
-import sqlite3
 import statistics
 import sys
 import tempfile
@@ -90,7 +90,9 @@ from service.local.quickstart import label_config  # noqa: E402
 from service.local.synthetic import make_sample  # noqa: E402
 from service.model import ImagePrediction, SegmentationModel  # noqa: E402
 from service.model.images import decode_image  # noqa: E402
+from service.queue import JobQueue  # noqa: E402
 from service.results import BrushTarget, build_prediction, resolve_target  # noqa: E402
+from service.server import open_queue  # noqa: E402
 
 TARGET = 0.85
 # Above these, a run was disturbed by other load and its ratio says little.
@@ -318,14 +320,10 @@ class Journal:
         return sum(self.counts.get(s, 0) for s in ("done", "skipped", "failed"))
 
     @classmethod
-    def read(cls, path: Path) -> Journal:
-        if not path.exists():
-            return cls()
-        with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
-            counts = dict(db.execute("SELECT state, count(*) FROM jobs GROUP BY state"))
-            first, last = db.execute("SELECT min(created_at), max(created_at) FROM jobs").fetchone()
-            (done,) = db.execute("SELECT max(updated_at) FROM jobs WHERE state = 'done'").fetchone()
-        return cls(counts, first, last, done)
+    def read(cls, queue: JobQueue) -> Journal:
+        counts = {str(state): count for state, count in queue.counts().items() if count}
+        span = queue.span()
+        return cls(counts, span.first_created, span.last_created, span.last_done)
 
 
 @dataclass
@@ -380,7 +378,7 @@ async def run_service(
     project: int,
     files: list[tuple[str, bytes]],
     model_version: str,
-    state_db: Path,
+    queue: JobQueue,
     timeout_s: float,
 ) -> ServiceRun:
     assert service.process is not None
@@ -394,12 +392,12 @@ async def run_service(
     await client.upload_files(project, files)
     import_s = time.time() - started
     deadline = time.monotonic() + timeout_s
-    journal = Journal.read(state_db)
+    journal = Journal.read(queue)
     while journal.finished < len(files) and time.monotonic() < deadline:
         if service.process.poll() is not None:
             raise RuntimeError(f"service exited during the run:\n{service.tail()}")
         await asyncio.sleep(POLL_S)
-        journal = Journal.read(state_db)
+        journal = Journal.read(queue)
     after = CpuSnapshot.take(groups)
     metrics = service_metrics(service.url)
 
@@ -575,7 +573,7 @@ def _measure(
             print(f"hook failed:\n{hooked.stdout}{hooked.stderr}", file=sys.stderr)
             return 2
 
-        async def run() -> ServiceRun:
+        async def run(queue: JobQueue) -> ServiceRun:
             async with LabelStudioClient(ls.url, ls.legacy_token, timeout_s=300) as client:
                 return await run_service(
                     client,
@@ -584,11 +582,13 @@ def _measure(
                     project,
                     files,
                     prediction.model_version,
-                    config.state_dir / "jobs.sqlite3",
+                    queue,
                     args.timeout,
                 )
 
-        result = asyncio.run(run())
+        # The service's own queue, read beside it (as ``ls-autoseg status`` does).
+        with open_queue(config) as queue:
+            result = asyncio.run(run(queue))
     finally:
         code = service.stop()
     if code not in (0, None):
