@@ -1,16 +1,30 @@
 from __future__ import annotations
 
+import dataclasses
+import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from service.config import (
+    Config,
+    LabelStudioConfig,
     MissingEnv,
+    ModelConfig,
+    PredictionConfig,
+    ProjectConfig,
+    ReconcileConfig,
+    ServerConfig,
+    Thresholds,
+    WorkerConfig,
     find_config,
     load_config,
     parse_threshold_flag,
     parse_thresholds,
+    write_config,
 )
+from service.config.section import field_defaults
 from service.errors import ConfigError
 
 MINIMAL = "model:\n  path: m.pt\n  labels: [a, b]\n"
@@ -121,3 +135,116 @@ def test_find_config_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 def test_shipped_config_parses(repo_config) -> None:  # type: ignore[no-untyped-def]
     assert repo_config.model.path.name == "demo_unet.pt"
     assert repo_config.projects[0].id == 1
+
+
+@pytest.mark.parametrize(
+    ("worker", "message"),
+    [
+        ("concurrency: 0", r"worker\.concurrency must be >= 1"),
+        ("max_attempts: 0", r"worker\.max_attempts must be >= 1"),
+        ("max_attempts: 2.5", "must be an integer"),
+        ("settle_s: -1", r"worker\.settle_s must be a finite number >= 0"),
+        ("retry_max_s: .inf", r"worker\.retry_max_s must be a finite number >= 0"),
+        ("idle_poll_s: .nan", "finite number"),
+        ("shutdown_grace_s: soon", "must be a number"),
+        ("retries: 3", r"unknown key\(s\) \['retries'\] in worker"),
+    ],
+)
+def test_bad_worker_settings(tmp_path: Path, worker: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, MINIMAL + f"worker:\n  {worker}\n"), environ={})
+
+
+def every_field_set(tmp_path: Path) -> dict[str, Any]:
+    """Config's sections with a value other than the default in every field."""
+    return {
+        "model": ModelConfig(
+            path=tmp_path / "models" / "m.pt",
+            labels=("bg", "a", "b"),
+            activation="softmax",
+            background="bg",
+            input_size=(64, 48),
+            size_divisor=16,
+            mean=(0.1, 0.2, 0.3),
+            std=(0.4, 0.5, 0.6),
+            device="cuda:1",
+            batch_size=3,
+            threads=2,
+        ),
+        "prediction": PredictionConfig(
+            model_version="round-trip-v2",
+            score=0.6,
+            thresholds=Thresholds(default=0.4, per_label={"a": 0.7}),
+            min_pixels=3,
+            prob_upsample=False,
+            max_pixels=1234,
+        ),
+        "label_studio": LabelStudioConfig(
+            url="https://ls.example:8443",
+            token=MissingEnv("ROUND_TRIP_TOKEN"),
+            token_type="pat",
+            timeout_s=12.5,
+        ),
+        "projects": (
+            ProjectConfig(id=7, from_name="tag", to_name="image", label_map={"a": "A"}),
+            ProjectConfig(id=9),
+        ),
+        "server": ServerConfig(
+            host="0.0.0.0",
+            port=9191,
+            webhook_secret="plain-secret",
+            allow_unauthenticated=True,
+            max_body_bytes=1000,
+        ),
+        "state_dir": tmp_path / "elsewhere" / "state",
+        "reconcile": ReconcileConfig(on_startup=False, interval_s=60.0),
+        "worker": WorkerConfig(
+            concurrency=2,
+            settle_s=0.5,
+            retry_base_s=1.5,
+            retry_max_s=30.0,
+            max_attempts=3,
+            not_found_grace_s=10.0,
+            outage_probe_s=2.5,
+            batch_wait_s=0.2,
+            idle_poll_s=0.25,
+            shutdown_grace_s=5.0,
+        ),
+    }
+
+
+def test_every_field_set_differs_from_every_default(tmp_path: Path) -> None:
+    """Keeps the round trip below honest when a field is added."""
+    sections = every_field_set(tmp_path)
+    assert set(sections) == {f.name for f in dataclasses.fields(Config)} - {"source"}
+    for name, default in field_defaults(Config).items():
+        assert sections[name] != default, name
+    for section in (*sections["projects"][:1], *sections.values()):
+        if dataclasses.is_dataclass(section):
+            for key, default in field_defaults(type(section)).items():
+                assert getattr(section, key) != default, f"{type(section).__name__}.{key}"
+
+
+def test_written_config_reads_back_to_equal_values(tmp_path: Path) -> None:
+    sections = every_field_set(tmp_path)
+    path = write_config(tmp_path / "written" / "config.yaml", **sections)
+    loaded = load_config(path, environ={})
+    assert loaded == Config(source=path, **sections)
+    text = path.read_text(encoding="utf-8")
+    assert "${ROUND_TRIP_TOKEN}" in text and "plain-secret" in text
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # it holds a plain secret
+    token = load_config(path, environ={"ROUND_TRIP_TOKEN": "t0k"}).label_studio.token
+    assert token == "t0k"
+
+
+def test_written_paths_stay_relative_to_the_file_and_left_out_sections_take_defaults(
+    tmp_path: Path,
+) -> None:
+    model = ModelConfig(path=Path("m.pt"), labels=("a",))
+    path = write_config(tmp_path / "config.yaml", model, state_dir=Path("run/state"))
+    text = path.read_text(encoding="utf-8")
+    assert "prediction" not in text and "worker" not in text
+    loaded = load_config(path, environ={})
+    base = tmp_path.resolve()
+    expected_model = dataclasses.replace(model, path=base / "m.pt")
+    assert loaded == Config(source=path, model=expected_model, state_dir=base / "run" / "state")

@@ -1,0 +1,143 @@
+"""The settings as typed values: one frozen dataclass per section of ``config.yaml``.
+
+Each dataclass owns its section's keys (its fields) and their defaults; the loader
+(:mod:`service.config.loader`) reads both from here, and the writer
+(:mod:`service.config.writer`) writes every field back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from service.constants import TokenType
+from service.errors import ConfigError
+
+Activation = Literal["sigmoid", "softmax"]
+
+
+@dataclass(frozen=True)
+class MissingEnv:
+    """Stands in for a value whose ``${NAME}`` was not set in the environment."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Per-label probability thresholds with a default for labels not named."""
+
+    default: float = 0.5
+    per_label: Mapping[str, float] = field(default_factory=dict)
+
+    def for_label(self, label: str) -> float:
+        return self.per_label.get(label, self.default)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: Path
+    labels: tuple[str, ...]
+    activation: Activation = "sigmoid"
+    background: str | None = None
+    input_size: tuple[int, int] | None = None
+    size_divisor: int = 32
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    device: str = "auto"
+    batch_size: int = 8
+    threads: int | None = None
+
+    @property
+    def output_labels(self) -> tuple[str, ...]:
+        """Labels that produce masks: all channels but the background one."""
+        return tuple(label for label in self.labels if label != self.background)
+
+
+@dataclass(frozen=True)
+class PredictionConfig:
+    model_version: str = "auto-segmentation-v1"
+    score: float = 0.8
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    min_pixels: int = 20
+    prob_upsample: bool = True
+    max_pixels: int = 100_000_000
+
+
+@dataclass(frozen=True)
+class LabelStudioConfig:
+    url: str = "http://localhost:8080"
+    token: str | MissingEnv | None = None
+    token_type: TokenType = "auto"
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    id: int
+    from_name: str | None = None
+    to_name: str | None = None
+    label_map: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 9090
+    webhook_secret: str | MissingEnv | None = None
+    allow_unauthenticated: bool = False
+    max_body_bytes: int = 50_000_000
+
+
+@dataclass(frozen=True)
+class ReconcileConfig:
+    on_startup: bool = True
+    interval_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The operator's choices for the worker: how hard to push Label Studio, how to retry."""
+
+    concurrency: int = 4  # Label Studio requests (and downloads) at once
+    # Label Studio sends TASKS_CREATED from inside the import request; a task read at once
+    # was seen (once, on a busy machine) without the annotation imported with it. A job is
+    # therefore first read this long after it was queued.
+    settle_s: float = 2.0
+    retry_base_s: float = 2.0  # first retry delay of a transient failure, doubled each time
+    retry_max_s: float = 120.0
+    max_attempts: int = 8  # a job fails after this many attempts (crashes count)
+    not_found_grace_s: float = 30.0  # a task 404 this soon after queueing is retried
+    outage_probe_s: float = 5.0  # while Label Studio is unusable, ask this often
+    batch_wait_s: float = 0.05  # how long a model batch waits to fill
+    idle_poll_s: float = 1.0
+    shutdown_grace_s: float = 30.0  # on SIGTERM, let jobs in flight finish this long
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole file; its fields but ``source`` are the file's top-level keys."""
+
+    source: Path
+    model: ModelConfig
+    prediction: PredictionConfig = field(default_factory=PredictionConfig)
+    label_studio: LabelStudioConfig = field(default_factory=LabelStudioConfig)
+    projects: tuple[ProjectConfig, ...] = ()
+    server: ServerConfig = field(default_factory=ServerConfig)
+    # Read from a file, a relative state_dir is relative to the file's folder.
+    state_dir: Path = Path("state")
+    reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+
+    def require(self, value: str | MissingEnv | None, what: str) -> str:
+        """Return a setting that a command cannot do without, or explain what to set."""
+        if isinstance(value, MissingEnv):
+            raise ConfigError(
+                f"{what} comes from ${{{value.name}}} in {self.source}, "
+                f"but the environment variable {value.name} is not set"
+            )
+        if not value:
+            raise ConfigError(f"{what} is not set in {self.source}")
+        return value
