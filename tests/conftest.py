@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.config import Config, ModelConfig, PredictionConfig, load_config
+from service.config import Config, ModelConfig, PredictionConfig, load_config, section_document
 
 # Real-Label-Studio fixtures live in their own module (tests/ls_fixtures.py).
 pytest_plugins = ("ls_fixtures",)
@@ -59,17 +59,9 @@ def colour_model(tmp_path: Path) -> Callable[..., ModelConfig]:
 
 
 def model_section(model: ModelConfig, **extra: object) -> dict[str, object]:
-    """The ``model:`` section of a config file for ``model`` (tests write config files)."""
-    return {
-        "path": str(model.path),
-        "labels": list(model.labels),
-        "input_size": list(model.input_size) if model.input_size else None,
-        "size_divisor": model.size_divisor,
-        "mean": list(model.mean),
-        "std": list(model.std),
-        "device": model.device,
-        **extra,
-    }
+    """The ``model:`` section of a config file for ``model``, every field written, with
+    ``extra`` keys replacing or adding to it (tests write config files)."""
+    return {**section_document(model), **extra}
 
 
 @pytest.fixture

@@ -67,7 +67,8 @@ def write_config(
     if worker is not None:
         document["worker"] = section_document(worker)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = _HEADER + yaml.safe_dump(document, sort_keys=False)
+    # Flow style for the innermost lists and mappings: ``labels: [a, b]``, as people write it.
+    text = _HEADER + yaml.safe_dump(document, sort_keys=False, default_flow_style=None)
     path.write_text(text, encoding="utf-8")
     if _has_plain_secret(label_studio, server):
         path.chmod(0o600)

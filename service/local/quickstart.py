@@ -20,10 +20,17 @@ from pathlib import Path
 from typing import TextIO
 from xml.sax.saxutils import quoteattr
 
-import yaml
-
 from service.commands.ops import SSRF_HELP
-from service.config import Config, load_config
+from service.config import (
+    Config,
+    LabelStudioConfig,
+    MissingEnv,
+    ProjectConfig,
+    ReconcileConfig,
+    ServerConfig,
+    load_config,
+    write_config,
+)
 from service.constants import SECRET_HEADER, TASKS_CREATED
 from service.errors import AutosegError
 from service.labelstudio import LabelStudioClient
@@ -186,45 +193,23 @@ async def _wait(client: LabelStudioClient, project: int, timeout_s: float) -> tu
 
 
 def _write_config(options: QuickstartOptions, url: str, project: int, port: int) -> Path:
+    """The service's config: the base config's model and prediction, this run's the rest; the
+    token and the secret stay in the environment (``${NAME}``), out of the file."""
     base = options.base_config
-    model = base.model
-    doc = {
-        "label_studio": {"url": url, "token": "${LABEL_STUDIO_TOKEN}"},
-        "model": {
-            "path": str(model.path),
-            "labels": list(model.labels),
-            "activation": model.activation,
-            "background": model.background,
-            "input_size": list(model.input_size) if model.input_size else None,
-            "size_divisor": model.size_divisor,
-            "mean": list(model.mean),
-            "std": list(model.std),
-            "device": model.device,
-            "batch_size": model.batch_size,
-        },
-        "prediction": {
-            "model_version": base.prediction.model_version,
-            "score": base.prediction.score,
-            "thresholds": {
-                "default": base.prediction.thresholds.default,
-                **base.prediction.thresholds.per_label,
-            },
-            "min_pixels": base.prediction.min_pixels,
-            "prob_upsample": base.prediction.prob_upsample,
-        },
-        "projects": [{"id": project}],
-        "server": {
-            "host": "127.0.0.1",
-            "port": port,
-            "webhook_secret": "${LS_AUTOSEG_WEBHOOK_SECRET}",
-        },
-        "state_dir": str(options.data_dir / "state"),
-        "reconcile": {"on_startup": True, "interval_s": 300},
-    }
-    path = options.data_dir / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    return path
+    return write_config(
+        options.data_dir / "config.yaml",
+        base.model,
+        prediction=base.prediction,
+        label_studio=LabelStudioConfig(url=url, token=MissingEnv("LABEL_STUDIO_TOKEN")),
+        projects=[ProjectConfig(id=project)],
+        server=ServerConfig(
+            host="127.0.0.1",  # the webhook quickstart registers points here
+            port=port,
+            webhook_secret=MissingEnv("LS_AUTOSEG_WEBHOOK_SECRET"),
+        ),
+        state_dir=options.data_dir / "state",
+        reconcile=ReconcileConfig(),
+    )
 
 
 def _port_free(port: int) -> bool:
