@@ -63,15 +63,15 @@ def test_pat_works_and_survives_access_token_expiry(
         async with ls_client(pat, transport=transport) as ls:
             assert ls.token_type == "pat"
             assert await ls.verify() == label_studio.username
-            first = ls._access
+            first = ls._credentials._access
             # the cached access token is past its refresh time: refreshed before use
-            ls._access_expires_at = time.monotonic() - 1
+            ls._credentials._access_expires_at = time.monotonic() - 1
             assert await ls.verify() == label_studio.username
-            assert ls._access != first
+            assert ls._credentials._access != first
             # the server refuses the cached token although it looks fresh: one refresh on 401
             transport.paths.clear()
-            ls._access = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoiYWNjZXNzIn0.bm9wZQ"
-            ls._access_expires_at = time.monotonic() + 300
+            ls._credentials._access = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoiYWNjZXNzIn0.bm9wZQ"
+            ls._credentials._access_expires_at = time.monotonic() + 300
             assert await ls.verify() == label_studio.username
             assert transport.paths == [
                 "/api/current-user/whoami",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.labelstudio.client import LabelStudioClient, detect_token_type
+from service.labelstudio.client import LabelStudioClient
 from service.labelstudio.types import (
     CLOUD_SCHEMES,
     DEFAULT_MAX_BYTES,
@@ -30,5 +30,4 @@ __all__ = [
     "Project",
     "Task",
     "Webhook",
-    "detect_token_type",
 ]

@@ -22,19 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import json
 import logging
 import mimetypes
 import random
-import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import httpx
 
@@ -47,6 +44,7 @@ from service.errors import (
     LabelStudioUnavailable,
     NotFoundError,
 )
+from service.labelstudio.auth import _NEW_PAT_HINT, Credentials, detect_token_type
 from service.labelstudio.parse import (
     _content_kind,
     _error_detail,
@@ -78,58 +76,17 @@ from service.labelstudio.types import (
 log = logging.getLogger(__name__)
 
 
-ACCESS_REFRESH_MARGIN_S = 30.0  # refresh a PAT's access token this long before it expires
-DEFAULT_ACCESS_LIFETIME_S = 300.0  # Label Studio's access tokens live 5 minutes
-
 _MAX_REDIRECTS = 5
 _ERROR_BODY_MAX_BYTES = 256 * 1024
 _DETAIL_MAX_CHARS = 300
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
-_LEGACY_TOKEN_RE = re.compile(r"^[0-9a-fA-F]{40}$")
 
-_NEW_PAT_HINT = (
-    "create a new Personal Access Token in Label Studio under Account & Settings -> "
-    "Personal Access Token"
-)
 _LEGACY_DISABLED_HINT = (
     "legacy tokens are disabled for this Label Studio organization: use a Personal Access Token "
     "(Account & Settings -> Personal Access Token), or let an administrator enable legacy tokens "
     "in Organization settings -> API Tokens (POST /api/jwt/settings "
     '{"legacy_api_tokens_enabled": true})'
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokens
-
-
-def _jwt_payload(token: str) -> dict[str, Any] | None:
-    parts = token.split(".")
-    if len(parts) != 3 or not all(parts):
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
-        payload = json.loads(raw)
-    except (binascii.Error, ValueError):
-        return None
-    return payload if isinstance(payload, dict) else None
-
-
-def detect_token_type(token: str) -> Literal["pat", "legacy"]:
-    """A JWT whose payload says ``"token_type": "refresh"`` is a PAT; anything else is legacy."""
-    payload = _jwt_payload(token.strip())
-    return "pat" if payload is not None and payload.get("token_type") == "refresh" else "legacy"
-
-
-def _access_lifetime_s(access: str) -> float:
-    """Lifetime from the access JWT's own ``exp - iat`` (immune to clock skew between hosts)."""
-    payload = _jwt_payload(access) or {}
-    exp, iat = payload.get("exp"), payload.get("iat")
-    if isinstance(exp, int | float) and isinstance(iat, int | float) and exp > iat:
-        return float(exp - iat)
-    if isinstance(exp, int | float):
-        return max(0.0, float(exp) - time.time())
-    return DEFAULT_ACCESS_LIFETIME_S
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,18 +127,18 @@ class LabelStudioClient:
         self.base_url = base
         self._base = httpx.URL(base)
         self._origin = _origin(self._base)
-        self._token = token
-        self.token_type: Literal["pat", "legacy"] = (
-            detect_token_type(token) if token_type == "auto" else token_type
+        self._credentials = Credentials(
+            token,
+            detect_token_type(token) if token_type == "auto" else token_type,
+            base_url=base,
+            post=self._post_without_token,
         )
+        self.token_type = self._credentials.token_type
         self._retries = max(0, retries)
         self._backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
         self._sleep = sleep
         self._random = random.Random()
-        self._access: str | None = None
-        self._access_expires_at = 0.0  # time.monotonic() after which the access token is stale
-        self._refresh_lock = asyncio.Lock()
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s),
             transport=transport,
@@ -646,64 +603,11 @@ class LabelStudioClient:
     def _is_label_studio(self, url: httpx.URL) -> bool:
         return _origin(url) == self._origin
 
-    async def _auth_headers(self) -> dict[str, str]:
-        if self.token_type == "legacy":
-            return {"Authorization": f"Token {self._token}"}
-        return {"Authorization": f"Bearer {await self._access_token()}"}
-
-    async def _access_token(self, *, stale: str | None = None) -> str:
-        """A valid access token for the PAT; ``stale`` is one the server just refused."""
-        access = self._access
-        if stale is None and access is not None and time.monotonic() < self._access_expires_at:
-            return access
-        async with self._refresh_lock:
-            access = self._access
-            fresh = time.monotonic() < self._access_expires_at
-            if access is not None and fresh and access != stale:
-                return access  # another request refreshed while this one waited
-            return await self._refresh_access()
-
-    async def _refresh_access(self) -> str:
-        path = "/api/token/refresh/"
-        response = await self._send(
-            "POST",
-            self._url(path),
-            auth=False,
-            json_body={"refresh": self._token},
-            allow=frozenset({400, 401, 403, 404, 405}),
-        )
-        status = response.status_code
-        if status != 200 or not _is_json(response):
-            raise AuthError(self._refresh_refused_message(response), status)
-        access = _opt_str(_object(_json(response), "token refresh"), "access")
-        if not access:
-            raise AuthError(f"POST {path} answered without an access token", status)
-        lifetime = _access_lifetime_s(access)
-        margin = min(ACCESS_REFRESH_MARGIN_S, lifetime / 2)
-        self._access = access
-        self._access_expires_at = time.monotonic() + lifetime - margin
-        log.debug("refreshed the Label Studio access token (valid %.0f s)", lifetime)
-        return access
-
-    def _refresh_refused_message(self, response: httpx.Response) -> str:
-        status = response.status_code
-        if status in (404, 405) or not _is_json(response):
-            return (
-                f"{self.base_url} answered {status} {_content_kind(response)} to "
-                "POST /api/token/refresh/: either the URL is not Label Studio, or this Label "
-                "Studio is too old for Personal Access Tokens (use its legacy token with token "
-                "type 'legacy')."
-            )
-        detail = _error_detail(response) or f"HTTP {status}"
-        if _LEGACY_TOKEN_RE.match(self._token):
-            return (
-                f"Label Studio refused the token as a Personal Access Token ({detail}): it looks "
-                "like a legacy token (40 hex characters). Use token type 'legacy' or 'auto'."
-            )
-        return (
-            f"Label Studio refused the Personal Access Token at POST /api/token/refresh/ "
-            f"({detail}): it was revoked, has expired, or belongs to another Label Studio "
-            f"server: {_NEW_PAT_HINT}."
+    async def _post_without_token(
+        self, path: str, json_body: Any, allow: frozenset[int]
+    ) -> httpx.Response:
+        return await self._send(
+            "POST", self._url(path), auth=False, json_body=json_body, allow=allow
         )
 
     async def _send(
@@ -724,18 +628,15 @@ class LabelStudioClient:
         """One request with retries. Returns 1xx-3xx and ``allow``-ed answers, raises for the
         rest. With ``stream`` the returned response is open: the caller closes it."""
         label = shown if shown is not None else _strip_query(str(url))
-        retried_401 = False
+        flow = self._credentials.flow() if auth else None
         attempt = 0
         while True:
-            headers: dict[str, str] = {}
-            if auth:
-                headers = await self._auth_headers()
             request = self._http.build_request(
-                method, url, params=params, json=json_body, files=files, headers=headers
+                method, url, params=params, json=json_body, files=files
             )
             retry_after: float | None = None
             try:
-                response = await self._http.send(request, stream=True)
+                response = await self._http.send(request, stream=True, auth=flow)
             except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
                 reason = _transport_reason(exc)
             except httpx.HTTPError as exc:
@@ -750,12 +651,6 @@ class LabelStudioClient:
                             await response.aclose()
                     return response
                 response = await _read_error_body(response)
-                if status == 401 and auth and self.token_type == "pat" and not retried_401:
-                    # the access token may have expired early (clock, server restart): once more
-                    retried_401 = True
-                    stale = request.headers.get("Authorization", "").removeprefix("Bearer ")
-                    await self._access_token(stale=stale)
-                    continue
                 if status != 429 and status < 500:
                     raise self._error(method, url, response, external=external, shown=label)
                 permanent = _permanent_5xx(method, label, request, response)
@@ -830,7 +725,7 @@ class LabelStudioClient:
                 "for this project or action; use a token of a user who has access."
             )
         if self.token_type == "legacy":
-            if _jwt_payload(self._token) is not None:
+            if self._credentials.is_jwt:
                 return (
                     f"Label Studio refused the token on {where} ({detail}): it is a Personal "
                     "Access Token (a JWT) but was sent as a legacy token. Use token type 'pat' "
