@@ -2,8 +2,9 @@
 
 Each :class:`Metrics` owns a fresh ``CollectorRegistry`` instead of the process-wide default
 one, so nothing is registered at import time and tests can build as many as they like. The
-app serves ``registry`` at ``GET /metrics``; the worker calls :meth:`Metrics.job_finished`,
-:meth:`Metrics.job_retried` and :meth:`Metrics.inference`.
+app serves ``registry`` at ``GET /metrics``; the worker reports through :class:`WorkerMetrics`
+(job finished, retried, one model batch, outage on/off), which :class:`Metrics` implements and
+:class:`NoMetrics` implements as nothing at all, for a run without ``/metrics`` (``backfill``).
 
 The ``ls_autoseg_jobs{state}`` gauge is not kept up to date by hand: it reads
 ``queue.counts()`` at scrape time, so it also counts jobs that other processes (``backfill``,
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -41,6 +42,35 @@ FINISHED_STATES: Final = (JobState.DONE.value, JobState.SKIPPED.value, JobState.
 _JOB_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _INFERENCE_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS: Final = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+
+
+class WorkerMetrics(Protocol):
+    """What the worker reports; ``state`` is ``done``, ``skipped`` or ``failed``."""
+
+    def job_finished(self, state: JobState, seconds: float) -> None: ...
+
+    def job_retried(self) -> None: ...
+
+    def inference(self, batch_size: int, seconds: float) -> None: ...
+
+    def outage(self, active: bool) -> None: ...
+
+
+class NoMetrics:
+    """A :class:`WorkerMetrics` that records nothing, so the worker never asks whether it has
+    metrics."""
+
+    def job_finished(self, state: JobState, seconds: float) -> None:
+        pass
+
+    def job_retried(self) -> None:
+        pass
+
+    def inference(self, batch_size: int, seconds: float) -> None:
+        pass
+
+    def outage(self, active: bool) -> None:
+        pass
 
 
 class Metrics:
