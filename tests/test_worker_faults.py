@@ -24,6 +24,7 @@ from PIL import Image
 
 from service.config import ModelConfig, PredictionConfig, WorkerConfig
 from service.labelstudio import LabelStudioClient
+from service.metrics import NoMetrics
 from service.model import SegmentationModel
 from service.queue import JobState, SQLiteJobQueue
 from service.results import BrushTarget, decode_result
@@ -164,17 +165,10 @@ class FakeLabelStudio:
 
 
 @dataclass
-class Outages:
+class Outages(NoMetrics):
+    """Worker metrics that keep only the outage changes."""
+
     changes: list[bool] = field(default_factory=list)
-
-    def job_finished(self, state: str, seconds: float) -> None:
-        pass
-
-    def job_retried(self) -> None:
-        pass
-
-    def inference(self, batch_size: int, seconds: float) -> None:
-        pass
 
     def outage(self, active: bool) -> None:
         self.changes.append(active)
@@ -496,7 +490,7 @@ def test_a_full_worker_waits_for_a_free_slot_instead_of_polling_the_queue(
                 queue.enqueue(PROJECT, fake.tasks, "v1")
                 stop = asyncio.Event()
                 runner = asyncio.create_task(worker.run(stop))
-                await until(lambda: worker.busy == worker._capacity)
+                await until(lambda: worker.busy == worker.held.capacity)
                 before = dict(calls)
                 await asyncio.sleep(0.5)
                 assert calls["claim"] - before["claim"] <= 1

@@ -3,38 +3,25 @@
 Three stages overlap so the model is never idle while there is work:
 
 - *prepare*: the jobs claimed together (at least a model batch while others are in flight)
-  are re-read from Label Studio in one list request per project (the webhook body is never
-  trusted for URLs); a task a person annotated or that holds a prediction of this
-  model_version is skipped; then each image is downloaded (up to ``concurrency`` at once)
-  and decoded;
+  are re-read from Label Studio in one list request per project (``service/worker/tasks.py``:
+  a task a person annotated or that holds a prediction of this model_version is skipped);
+  then each image is downloaded (up to ``concurrency`` at once) and decoded;
 - *infer* (one at a time): batch the prepared images, up to ``model.batch_size``, waiting only
   ``batch_wait_s`` for a batch to fill, and run the model in a thread;
 - *post* (one group at a time): take whatever results wait (up to four model batches),
   encode their masks, re-read their tasks in one request (annotated meanwhile? posted by an
   earlier attempt whose answer was lost?) and post each prediction, ``concurrency`` at once,
-  each tried once.
+  each tried once. Predictions are posted one per request (30-50 ms each): the bulk
+  ``import/predictions`` recounts every task of the project on each call, a cost that grows
+  without bound with the project (see ``_post``).
 
-Label Studio's own CPU is the bottleneck of this service (it answers from one process): per
-task, ``GET /api/tasks/{id}/`` costs it ~60 ms, a list read of a group 3-8 ms, so tasks are
-read in groups; a task missing from a list read is read on its own (404 grace, another
-project), and a list read that fails while Label Studio answers falls back to single reads,
-so one bad task fails alone. Predictions are posted one per request (30-50 ms each): the bulk
-``import/predictions`` recounts every task of the project on each call, a cost that grows
-without bound with the project (see ``_post``).
-
-Failures are sorted by the exception tree: a ``RetryableError`` (connection, timeout, 429,
-5xx) sends the job back to the queue with exponential backoff until the queue's attempt limit;
-a 404 for the task is retried for ``not_found_grace_s`` (the web UI's import sends the webhook
-before its transaction commits); any other error fails the job at once with its reason. One
-bad task never stops the others.
-
-An outage is not a job's failure. When a job fails with a ``RetryableError`` or an
-``AuthError``, the worker asks Label Studio who it is (``verify``): if that fails too, Label
-Studio as a whole is down or the token was revoked, so the job goes back to the queue without
-spending an attempt, the worker stops claiming and probes every ``outage_probe_s`` seconds,
-and resumes on its own once Label Studio answers (a revoked token: once the service runs with
-a valid one). Jobs wait out any outage; ``outage_limit_s`` (for ``backfill``) ends the wait
-with an error instead.
+The bookkeeping lives beside this module: ``held.py`` counts the jobs held (claimed, not yet
+settled) and frees a slot once per job; ``settle.py`` is the one path by which a held job ends
+(done, skipped, failed, retried or given back, sorted by the exception tree of
+``service/errors.py``; one bad task never stops the others); ``outage.py`` tells a job's
+failure from Label Studio being down (then jobs wait in the queue without spending attempts
+and the claim loop probes until Label Studio answers). Metrics go to a ``WorkerMetrics``
+(``service/metrics.py``), ``NoMetrics`` when the run has none.
 """
 
 from __future__ import annotations
@@ -46,21 +33,26 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from service.config import PredictionConfig, WorkerConfig
-from service.errors import AuthError, AutosegError, NotFoundError, RetryableError
+from service.errors import PermanentError
 from service.labelstudio import LabelStudioClient, PredictionIn, Task
+from service.metrics import NoMetrics, WorkerMetrics
 from service.model import ImagePrediction, Segmenter
 from service.model.images import decode_image
 from service.queue import Job, JobQueue
 from service.results import BrushTarget, build_prediction
+from service.worker.held import Held
+from service.worker.outage import OutageWatch
+from service.worker.settings import WorkerSettings
+from service.worker.settle import Settler
+from service.worker.tasks import TaskReader
+from service.worker.waits import drain, first
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 
 @functools.cache
@@ -79,35 +71,14 @@ def _trim_heap() -> None:
         libc.malloc_trim(0)
 
 
-class WorkerMetrics(Protocol):
-    def job_finished(self, state: str, seconds: float) -> None: ...
-
-    def job_retried(self) -> None: ...
-
-    def inference(self, batch_size: int, seconds: float) -> None: ...
-
-    def outage(self, active: bool) -> None: ...
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """What the worker runs with: the prediction settings, the operator's worker section, and
-    how long a one-off run (``backfill``) waits out an outage (None: as long as it takes)."""
-
-    prediction: PredictionConfig
-    worker: WorkerConfig = field(default_factory=WorkerConfig)
-    outage_limit_s: float | None = None
-
-
-class SkipJob(Exception):
-    """Not an error: the job ends as ``skipped`` with this reason."""
-
-
 @dataclass
 class _Prepared:
     job: Job
     image: np.ndarray
     started: float
+
+
+_Result = tuple[_Prepared, ImagePrediction | str]
 
 
 class Worker:
@@ -127,27 +98,48 @@ class Worker:
         self.model = model
         self.targets = dict(targets)
         self.settings = settings
-        self.metrics = metrics
         self.clock = clock
-        self._wake = asyncio.Event()
+        self.metrics: WorkerMetrics = metrics if metrics is not None else NoMetrics()
         # Jobs held at once (claimed, not yet settled): enough to keep downloads, one batch in
         # the model and posts all busy, few enough that a crash re-queues little.
-        self._capacity = settings.worker.concurrency * 2 + model.batch_size * 2
+        self.held = Held(settings.worker.concurrency * 2 + model.batch_size * 2)
+        self._outage = OutageWatch(
+            client,
+            self.metrics,
+            probe_s=settings.worker.outage_probe_s,
+            limit_s=settings.outage_limit_s,
+        )
+        self._settler = Settler(
+            queue, self.held, self._outage, self.metrics, settings.worker, clock=clock
+        )
+        self._tasks_read = TaskReader(
+            client,
+            self._outage,
+            model_version=settings.prediction.model_version,
+            not_found_grace_s=settings.worker.not_found_grace_s,
+            clock=clock,
+        )
         # Claim in groups of at least a model batch while others are held: every claim costs
         # Label Studio one task-list request, whose fixed cost dominates a group of one.
-        self._claim_min = min(self._capacity, model.batch_size)
+        self._claim_min = min(self.held.capacity, model.batch_size)
         self._post_max = model.batch_size * 4  # results per post group, at most
-        self.busy = 0
-        self._freed = asyncio.Event()  # set when a held job is settled: room to claim
+        self._wake = asyncio.Event()
         self._ready: asyncio.Queue[_Prepared] = asyncio.Queue()
-        self._results: asyncio.Queue[tuple[_Prepared, ImagePrediction | str]] = asyncio.Queue()
-        self._posting: list[tuple[_Prepared, ImagePrediction | str]] = []  # in a post now
+        self._results: asyncio.Queue[_Result] = asyncio.Queue()
+        self._posting: list[_Result] = []  # in a post now
         self._tasks: set[asyncio.Task[None]] = set()
         self._io = asyncio.Semaphore(settings.worker.concurrency)
         self._batch: list[_Prepared] = []  # in the model right now
-        self.outage: str | None = None  # why Label Studio cannot be used right now
-        self._outage_since = 0.0
-        self._outage_lock = asyncio.Lock()
+
+    @property
+    def busy(self) -> int:
+        """Jobs held now: claimed and not yet settled."""
+        return self.held.busy
+
+    @property
+    def outage(self) -> str | None:
+        """Why Label Studio cannot be used right now, or None."""
+        return self._outage.reason
 
     def wake(self) -> None:
         """New jobs were queued: stop waiting."""
@@ -185,20 +177,19 @@ class Worker:
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            if self.outage is not None:
-                await self._probe(stop)
+            if self._outage.reason is not None:
+                await self._outage.probe(stop)
                 continue
-            free = self._capacity - self.busy
+            free = self.held.room
             if free <= 0 or (self.busy > 0 and free < self._claim_min):
                 # Full: wait for a held job to settle (not for the queue: it has work due).
-                self._freed.clear()
-                await _first(self._freed.wait(), stop.wait())
+                await self.held.wait_for_room(stop)
                 continue
             jobs = await asyncio.to_thread(self.queue.claim, free)
             by_project: dict[int, list[Job]] = {}
             for job in jobs:
-                self.busy += 1
-                by_project.setdefault(job.project, []).append(job)
+                if self.held.hold(job):
+                    by_project.setdefault(job.project, []).append(job)
             for project, group in by_project.items():
                 self._spawn(self._prepare_group(project, group))
             if jobs:
@@ -211,65 +202,10 @@ class Worker:
         if due is not None:
             timeout = min(timeout, max(0.0, due - self.clock()))
         self._wake.clear()
-        await _first(self._wake.wait(), stop.wait(), timeout=timeout)
+        await first(self._wake.wait(), stop.wait(), timeout=timeout)
 
-    # ------------------------------------------------------------------ outages
-
-    async def _label_studio_down(self) -> bool:
-        """After a retryable or auth failure: is Label Studio as a whole unusable?"""
-        async with self._outage_lock:
-            if self.outage is not None:
-                return True
-            try:
-                await self.client.verify(retries=1)
-            except (RetryableError, AuthError) as exc:
-                self.outage = str(exc)
-                self._outage_since = time.monotonic()
-                log.warning(
-                    "Label Studio unusable, jobs wait in the queue (not failed) and the worker "
-                    "probes every %.0f s: %s",
-                    self.settings.worker.outage_probe_s,
-                    self.outage,
-                )
-                if self.metrics:
-                    self.metrics.outage(True)
-                return True
-            except AutosegError:
-                return False
-            return False
-
-    async def _probe(self, stop: asyncio.Event) -> None:
-        """One outage probe after ``outage_probe_s``; ends the outage when Label Studio answers."""
-        await _first(stop.wait(), timeout=self.settings.worker.outage_probe_s)
-        if stop.is_set():
-            return
-        down_s = time.monotonic() - self._outage_since
-        try:
-            await self.client.verify(retries=0)
-        except (RetryableError, AuthError) as exc:
-            limit = self.settings.outage_limit_s
-            if limit is not None and down_s >= limit:
-                raise type(exc)(
-                    f"Label Studio unusable for {down_s:.0f} s, giving up (queued jobs are "
-                    f"kept): {exc}"
-                ) from exc
-            if str(exc) != self.outage:
-                log.warning("Label Studio still unusable: %s", exc)
-                self.outage = str(exc)
-            return
-        except AutosegError as exc:
-            log.warning("Label Studio probe: %s", exc)
-        log.info("Label Studio usable again after %.0f s: resuming", down_s)
-        self.outage = None
-        if self.metrics:
-            self.metrics.outage(False)
-
-    def _settled_one(self) -> None:
-        self.busy -= 1
-        self._freed.set()
-
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -286,10 +222,8 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
         # Images that never reached the model, results never posted: back to the queue unused.
-        left = _drain(self._ready) + [item for item, _ in _drain(self._results)]
-        for item in left:
-            await self._release(item.job)
-            self._settled_one()
+        left = drain(self._ready) + [item for item, _ in drain(self._results)]
+        await self._settler.give_back(item.job for item in left)
 
     def _in_flight(self) -> bool:
         return bool(
@@ -313,26 +247,27 @@ class Worker:
             if settle > 0:
                 await asyncio.sleep(settle)
             async with self._io:
-                outcomes = await self._read(project, jobs)
+                outcomes = await self._tasks_read.read(project, jobs)
             for job, outcome in outcomes:
                 del unsettled[job.id]
                 if isinstance(outcome, BaseException):
-                    await self._conclude(job, outcome, started)
+                    await self._settler.settle(job, outcome, started)
                 else:
                     self._spawn(self._prepare(job, outcome, started))
         except BaseException as exc:
             for job in unsettled.values():
-                await self._conclude(job, exc, started, reraise=False)
+                await self._settler.settle(job, exc, started, reraise=False)
             raise
 
     async def _prepare(self, job: Job, task: Task, started: float) -> None:
-        handed_over = False
         try:
             async with self._io:
                 target = self._target(job)
                 url = task.data.get(target.data_key)
                 if not isinstance(url, str) or not url:
-                    raise _Permanent(f"task has no image URL under data key {target.data_key!r}")
+                    raise PermanentError(
+                        f"task has no image URL under data key {target.data_key!r}"
+                    )
                 data = await self.client.download(task.id, url)
             image = await asyncio.to_thread(
                 decode_image,
@@ -340,63 +275,9 @@ class Worker:
                 max_pixels=self.settings.prediction.max_pixels,
                 name=f"task {task.id} image",
             )
-            await self._ready.put(_Prepared(job, image, started))
-            handed_over = True
+            await self._ready.put(_Prepared(job, image, started))  # the infer stage's now
         except BaseException as exc:
-            await self._settle(job, exc, started)
-        finally:
-            if not handed_over:
-                self._settled_one()
-
-    async def _read(self, project: int, jobs: list[Job]) -> list[tuple[Job, Task | BaseException]]:
-        """Each job's task, re-read from Label Studio and checked (see ``_checked``), or why not.
-
-        One list request for the group; a task missing from its answer, or every task when the
-        request fails while Label Studio itself answers, is read on its own, so one bad task
-        fails alone. When Label Studio as a whole is unusable every job gets that error.
-        """
-        found: dict[int, Task] | None = None
-        try:
-            found = await self.client.get_tasks(project, [job.task for job in jobs])
-        except AutosegError as exc:
-            if isinstance(exc, RetryableError | AuthError) and await self._label_studio_down():
-                return [(job, exc) for job in jobs]
-            log.warning(
-                "project %s: group read of %d tasks failed, reading one by one: %s",
-                project,
-                len(jobs),
-                exc,
-            )
-        outcomes: list[tuple[Job, Task | BaseException]] = []
-        for job in jobs:
-            try:
-                task = found.get(job.task) if found is not None else None
-                if task is None:
-                    task = await self._task(job)
-                outcomes.append((job, self._checked(job, task)))
-            except Exception as exc:
-                outcomes.append((job, exc))
-        return outcomes
-
-    async def _task(self, job: Job) -> Task:
-        """Read one task (a 404 within ``not_found_grace_s`` of queueing is retried)."""
-        try:
-            return await self.client.get_task(job.task)
-        except NotFoundError as exc:
-            if self.clock() - job.created_at < self.settings.worker.not_found_grace_s:
-                raise _NotYet(f"task {job.task} not found yet (import not committed?)") from exc
-            raise
-
-    def _checked(self, job: Job, task: Task) -> Task:
-        """The task, unless it belongs elsewhere, a person annotated it or this version
-        predicted it."""
-        if task.project is not None and task.project != job.project:
-            raise _Permanent(f"task {job.task} belongs to project {task.project}")
-        if task.is_annotated:
-            raise SkipJob("annotated")
-        if task.has_prediction_of(self.settings.prediction.model_version):
-            raise SkipJob("exists")
-        return task
+            await self._settler.settle(job, exc, started)
 
     async def _infer_loop(self) -> None:
         batch_size = self.model.batch_size
@@ -427,16 +308,13 @@ class Worker:
                     reason = f"internal error in the model: {type(exc).__name__}: {exc}"
                     results = [reason] * len(batch)
             except asyncio.CancelledError:
-                for item in batch:
-                    await self._release(item.job)
-                    self._settled_one()
+                await self._settler.give_back(item.job for item in batch)
                 raise
             finally:
                 self._batch = []
             for item, result in zip(batch, results, strict=True):
                 self._results.put_nowait((item, result))
-            if self.metrics:
-                self.metrics.inference(len(batch), time.perf_counter() - began)
+            self.metrics.inference(len(batch), time.perf_counter() - began)
             await asyncio.to_thread(_trim_heap)
 
     async def _post_loop(self) -> None:
@@ -446,7 +324,7 @@ class Worker:
             group = [await self._results.get()]
             while len(group) < self._post_max and not self._results.empty():
                 group.append(self._results.get_nowait())
-            by_project: dict[int, list[tuple[_Prepared, ImagePrediction | str]]] = {}
+            by_project: dict[int, list[_Result]] = {}
             for item, result in group:
                 by_project.setdefault(item.job.project, []).append((item, result))
             pending = list(by_project.items())
@@ -459,17 +337,13 @@ class Worker:
                         log.exception("posting a group for project %s failed", pending[0][0])
                     pending.pop(0)
             except asyncio.CancelledError:
-                for _, items in pending[1:]:  # never handed to _post_group
-                    for item, _ in items:
-                        await self._release(item.job)
-                        self._settled_one()
+                never_posted = [item.job for _, items in pending[1:] for item, _ in items]
+                await self._settler.give_back(never_posted)
                 raise
             finally:
                 self._posting = []
 
-    async def _post_group(
-        self, project: int, group: list[tuple[_Prepared, ImagePrediction | str]]
-    ) -> None:
+    async def _post_group(self, project: int, group: list[_Result]) -> None:
         """Encode the group's masks, re-check its tasks in one request, post the predictions.
 
         Just before posting, the tasks are read once more: a person may have started
@@ -477,40 +351,36 @@ class Worker:
         The POST is tried once: a timeout sends the jobs back to the queue, whose retry
         re-checks first, so nothing is posted twice.
         """
-        unsettled = {item.job.id: item for item, _ in group}
-
-        async def conclude(item: _Prepared, outcome: BaseException | str) -> None:
-            del unsettled[item.job.id]
-            await self._conclude(item.job, outcome, item.started)
-
+        settle = self._settler.settle
         try:
             built: list[tuple[_Prepared, PredictionIn]] = []
             for item, result in group:
                 try:
                     built.append((item, await self._build(item, result)))
                 except Exception as exc:
-                    await conclude(item, exc)
+                    await settle(item.job, exc, item.started)
             if not built:
                 return
             async with self._io:
-                checked = await self._read(project, [item.job for item, _ in built])
+                checked = await self._tasks_read.read(project, [item.job for item, _ in built])
                 to_post: list[tuple[_Prepared, PredictionIn]] = []
                 for (item, prediction), (_, outcome) in zip(built, checked, strict=True):
                     if isinstance(outcome, BaseException):
-                        await conclude(item, outcome)
+                        await settle(item.job, outcome, item.started)
                     else:
                         to_post.append((item, prediction))
                 outcomes = await self._post(project, to_post)
             for (item, _), posted in zip(to_post, outcomes, strict=True):
-                await conclude(item, posted)
+                await settle(item.job, posted, item.started)
         except BaseException as exc:
-            for item in list(unsettled.values()):
-                await self._conclude(item.job, exc, item.started, reraise=False)
+            for item, _ in group:
+                if self.held.holds(item.job):  # not settled, nor being settled
+                    await settle(item.job, exc, item.started, reraise=False)
             raise
 
     async def _build(self, item: _Prepared, result: ImagePrediction | str) -> PredictionIn:
         if isinstance(result, str):
-            raise _Permanent(result)
+            raise PermanentError(result)
         target = self._target(item.job)
         return await asyncio.to_thread(
             build_prediction,
@@ -549,110 +419,5 @@ class Worker:
     def _target(self, job: Job) -> BrushTarget:
         target = self.targets.get(job.project)
         if target is None:
-            raise _Permanent(f"project {job.project} is not in the config")
+            raise PermanentError(f"project {job.project} is not in the config")
         return target
-
-    # ------------------------------------------------------------------ outcomes
-
-    async def _conclude(
-        self, job: Job, outcome: BaseException | str, started: float, *, reraise: bool = True
-    ) -> None:
-        """Settle a held job: ``done`` with the reason a string gives, else by the exception.
-
-        A cancel releases the job (re-raised unless ``reraise`` is false). Recording the outcome
-        may itself fail (the journal): that is logged and touches no other job; the job stays
-        running in the journal until the next start re-queues it (its re-check finds a
-        prediction that was posted).
-        """
-        try:
-            if isinstance(outcome, str):
-                await self._finish(job, "done", outcome, started)
-            else:
-                await self._settle(job, outcome, started)
-        except asyncio.CancelledError:
-            if reraise:
-                raise
-        except Exception:
-            log.exception(
-                "job %s project %s task %s: recording its outcome failed",
-                job.id,
-                job.project,
-                job.task,
-            )
-        finally:
-            self._settled_one()
-
-    async def _settle(self, job: Job, exc: BaseException, started: float) -> None:
-        """Turn an exception into the job's next state; never raises (but re-raises cancel)."""
-        if isinstance(exc, asyncio.CancelledError):
-            await self._release(job)
-            raise exc
-        if isinstance(exc, SkipJob):
-            await self._finish(job, "skipped", str(exc), started)
-        elif isinstance(exc, _NotYet):
-            await self._retry(job, str(exc), base=1.0)
-        elif isinstance(exc, RetryableError | AuthError) and await self._label_studio_down():
-            await self._release(job, f"waiting for Label Studio: {exc}")
-            if self.metrics:
-                self.metrics.job_retried()
-        elif isinstance(exc, RetryableError):
-            await self._retry(job, str(exc), base=self.settings.worker.retry_base_s)
-        elif isinstance(exc, AutosegError | _Permanent):
-            await self._finish(job, "failed", str(exc), started)
-        elif isinstance(exc, Exception):
-            log.exception(
-                "job %s project %s task %s: internal error", job.id, job.project, job.task
-            )
-            await self._finish(
-                job, "failed", f"internal error: {type(exc).__name__}: {exc}", started
-            )
-        else:
-            await self._release(job)
-            raise exc
-
-    async def _retry(self, job: Job, reason: str, base: float) -> None:
-        delay = min(self.settings.worker.retry_max_s, base * 2 ** max(0, job.attempts - 1))
-        after = await asyncio.to_thread(self.queue.retry_later, job.id, reason, delay)
-        if self.metrics:
-            self.metrics.job_retried()
-            if after.state == "failed":
-                self.metrics.job_finished("failed", self.clock() - job.created_at)
-
-    async def _finish(self, job: Job, state: str, reason: str, started: float) -> None:
-        mark = {
-            "done": self.queue.mark_done,
-            "skipped": self.queue.mark_skipped,
-            "failed": self.queue.mark_failed,
-        }[state]
-        await asyncio.to_thread(mark, job.id, reason)
-        if self.metrics:
-            self.metrics.job_finished(state, self.clock() - started)
-
-    async def _release(self, job: Job, reason: str | None = None) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.shield(asyncio.to_thread(self.queue.release, job.id, reason))
-
-
-def _drain(queue: asyncio.Queue[_T]) -> list[_T]:
-    items: list[_T] = []
-    while not queue.empty():
-        items.append(queue.get_nowait())
-    return items
-
-
-async def _first(*waits: Coroutine[Any, Any, Any], timeout: float | None = None) -> None:
-    """Wait until the first of ``waits`` finishes (or ``timeout``); cancel the others."""
-    tasks = [asyncio.ensure_future(wait) for wait in waits]
-    try:
-        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-class _Permanent(Exception):
-    """A job-level permanent failure that is not one of the package's own errors."""
-
-
-class _NotYet(Exception):
-    """The task is not visible yet: retried until the grace period ends."""
