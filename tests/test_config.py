@@ -248,3 +248,18 @@ def test_written_paths_stay_relative_to_the_file_and_left_out_sections_take_defa
     base = tmp_path.resolve()
     expected_model = dataclasses.replace(model, path=base / "m.pt")
     assert loaded == Config(source=path, model=expected_model, state_dir=base / "run" / "state")
+
+
+def test_shipped_config_documents_the_worker_section_with_its_defaults(tmp_path: Path) -> None:
+    """config.yaml's commented ``worker:`` section, uncommented, is WorkerConfig's defaults."""
+    text = (Path(__file__).resolve().parent.parent / "config.yaml").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    start = lines.index("# worker:")
+    block = ["worker:"]
+    for line in lines[start + 1 :]:
+        if not line.startswith("#   "):
+            break
+        block.append(line[1:])
+    config = load_config(write(tmp_path, MINIMAL + "\n".join(block) + "\n"), environ={})
+    assert len(block) - 1 == len(dataclasses.fields(WorkerConfig))
+    assert config.worker == WorkerConfig()

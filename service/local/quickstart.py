@@ -33,7 +33,7 @@ from service.config import (
 )
 from service.constants import SECRET_HEADER, TASKS_CREATED
 from service.errors import AutosegError
-from service.labelstudio import LabelStudioClient
+from service.labelstudio.client import LabelStudioClient
 from service.local import lsserver
 from service.model.images import list_images
 from service.server import Service, make_server
@@ -119,7 +119,8 @@ async def _run(options: QuickstartOptions, url: str, token: str, login: str, out
     async with LabelStudioClient(url, token) as client:
         await client.verify()
         project = await _project(client, base.model.output_labels)
-        port = 9090 if _port_free(9090) else lsserver.free_port()
+        wanted = ServerConfig().port
+        port = wanted if _port_free(wanted) else lsserver.free_port()
         secret = secrets.token_hex(16)
         config_path = _write_config(options, url, project, port)
         config = load_config(
