@@ -6,11 +6,11 @@ jobs, run them and mark the outcome. The rules:
 
 - ``enqueue`` is idempotent: a (project, task, model_version) that exists in any state is not
   added again, so a repeated or overlapping webhook cannot duplicate work.
-- ``accept`` is the webhook's fast path: it makes a body's task ids durable as one row of an
-  inbox (about 1 ms where inserting 5000 jobs takes 10-15 ms, and inserts queue behind
-  SQLite's one writer), and ``expand`` turns inbox rows into jobs later, as ``enqueue``
-  would, dated when they were accepted. ``claim`` expands first, so a worker never misses an
-  accepted id, also after a crash between the two; until then the ids count as queued.
+- ``accept`` is the webhook's fast path: it makes a body's task ids durable at once, to be
+  jobs, as ``enqueue`` would make them and dated when accepted, by the next ``claim`` at the
+  latest, so a worker never misses an accepted id, also after a crash in between; until then
+  the ids count as queued. (SQLite keeps a body as one inbox row, about 1 ms where inserting
+  5000 jobs takes 10-15 ms behind its one writer, and ``claim`` expands the inbox first.)
 - ``claim`` counts the attempt as it hands a job out, so a job that kills the worker still uses
   up its tries; ``recover`` at start-up re-queues what a crash left running and fails a job once
   it has crashed the worker ``max_attempts`` times.
@@ -156,7 +156,7 @@ class JobQueue(Protocol):
         ...
 
     def get(self, project: int, task: int, model_version: str) -> Job | None:
-        """The job of that key, or None; never an accepted id not made a job yet.
+        """The job of that key, or None (also, perhaps, for an id accepted since the last claim).
 
         No service path needs it (the worker holds the ``Job`` it claimed): it is here so that
         the contract suite, and tests of the queue's users, can look at one job without

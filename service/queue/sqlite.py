@@ -291,6 +291,9 @@ class SQLiteJobQueue(JobQueue):
         return len(task_ids)
 
     def expand(self, max_rows: int | None = None) -> int:
+        """Turn inbox rows, oldest first (every one, or ``max_rows``), into jobs as ``enqueue``
+        does, dated when accepted; return how many jobs were new. ``claim`` calls it first;
+        SQLite's own (not ``JobQueue``'s), for tests and the intake benchmark."""
         new = 0
         for _ in itertools.count() if max_rows is None else range(max_rows):
             # One inbox row per transaction: accept() waits for one row's insert at most.
