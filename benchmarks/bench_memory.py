@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from machine import cpu_seconds, machine_line, service_config
 
-from service.labelstudio import LabelStudioClient
+from service.labelstudio.client import LabelStudioClient
 from service.local import lsserver
 from service.local.process import ServiceProcess
 from service.local.quickstart import label_config

@@ -83,7 +83,7 @@ sys.path.insert(0, str(REPO))
 from machine import cpu_model  # noqa: E402
 
 from service.config import Config, PredictionConfig, load_config  # noqa: E402
-from service.labelstudio import LabelStudioClient  # noqa: E402
+from service.labelstudio.client import LabelStudioClient  # noqa: E402
 from service.local import lsserver  # noqa: E402
 from service.local.process import ServiceProcess  # noqa: E402
 from service.local.quickstart import label_config  # noqa: E402

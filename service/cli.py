@@ -332,7 +332,7 @@ def label_studio_target(args: argparse.Namespace, config: Config | None) -> Labe
 
 def cmd_upload(args: argparse.Namespace) -> int:
     from service.commands.upload import UploadOptions, run_upload
-    from service.labelstudio import LabelStudioClient
+    from service.labelstudio.client import LabelStudioClient
 
     config = load_config(args.config) if args.config else None
     target = label_studio_target(args, config)
@@ -395,7 +395,7 @@ def parse_pairs(text: str, flag: str) -> dict[str, str]:
 
 def cmd_replace_annotations(args: argparse.Namespace) -> int:
     from service.commands.annotations import PlanOptions, execute_plan, write_plan
-    from service.labelstudio import LabelStudioClient
+    from service.labelstudio.client import LabelStudioClient
 
     config = load_config(args.config) if args.config else None
     target = label_studio_target(args, config)

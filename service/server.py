@@ -25,7 +25,7 @@ from service.config import Config
 from service.constants import QUEUE_FILE
 from service.errors import AutosegError, ConfigError
 from service.intake.webhook import Readiness, WebhookSettings, create_app
-from service.labelstudio import LabelStudioClient
+from service.labelstudio.client import LabelStudioClient
 from service.metrics import Metrics
 from service.model import SegmentationModel
 from service.queue import JobQueue, SQLiteJobQueue

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from service.labelstudio import LabelStudioClient, Project, Task
+from service.labelstudio import Project, Task
+from service.labelstudio.client import LabelStudioClient
 from service.local import lsserver
 
 # The tutorial's label config (seed section 四): one Image, one BrushLabels with four labels.

@@ -22,7 +22,8 @@ from ls_fixtures import new_brush_project, tasks_of
 from PIL import Image
 
 from service.config import ModelConfig
-from service.labelstudio import LabelStudioClient, Task
+from service.labelstudio import Task
+from service.labelstudio.client import LabelStudioClient
 from service.local import lsserver
 from service.local.process import ServiceProcess
 from service.results import decode_result

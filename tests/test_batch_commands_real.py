@@ -25,7 +25,7 @@ from service.cli import main
 from service.commands.naming import image_file_name
 from service.commands.upload import read_mask
 from service.config import ModelConfig
-from service.labelstudio import LabelStudioClient
+from service.labelstudio.client import LabelStudioClient
 from service.local import lsserver
 from service.results import decode_result
 

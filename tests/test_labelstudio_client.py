@@ -25,8 +25,9 @@ from service.errors import (
     LabelStudioUnavailable,
     NotFoundError,
 )
-from service.labelstudio import LabelStudioClient, PredictionIn
+from service.labelstudio import PredictionIn
 from service.labelstudio.auth import detect_token_type
+from service.labelstudio.client import LabelStudioClient
 
 LS = "http://ls.test"
 LEGACY = "0123456789abcdef0123456789abcdef01234567"

@@ -14,7 +14,8 @@ import pytest
 from ls_fixtures import BRUSH_CONFIG, BRUSH_LABELS, brush_result, new_brush_project
 
 from service.errors import AuthError, LabelStudioError, NotFoundError
-from service.labelstudio import LabelStudioClient, PredictionIn
+from service.labelstudio import PredictionIn
+from service.labelstudio.client import LabelStudioClient
 from service.local import lsserver
 
 pytestmark = pytest.mark.labelstudio
@@ -63,15 +64,16 @@ def test_pat_works_and_survives_access_token_expiry(
         async with ls_client(pat, transport=transport) as ls:
             assert ls.token_type == "pat"
             assert await ls.verify() == label_studio.username
-            first = ls._credentials._access
+            credentials = ls._sender.credentials
+            first = credentials._access
             # the cached access token is past its refresh time: refreshed before use
-            ls._credentials._access_expires_at = time.monotonic() - 1
+            credentials._access_expires_at = time.monotonic() - 1
             assert await ls.verify() == label_studio.username
-            assert ls._credentials._access != first
+            assert credentials._access != first
             # the server refuses the cached token although it looks fresh: one refresh on 401
             transport.paths.clear()
-            ls._credentials._access = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoiYWNjZXNzIn0.bm9wZQ"
-            ls._credentials._access_expires_at = time.monotonic() + 300
+            credentials._access = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoiYWNjZXNzIn0.bm9wZQ"
+            credentials._access_expires_at = time.monotonic() + 300
             assert await ls.verify() == label_studio.username
             assert transport.paths == [
                 "/api/current-user/whoami",

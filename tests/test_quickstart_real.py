@@ -15,7 +15,7 @@ from conftest import model_section
 from PIL import Image
 
 from service.config import ModelConfig
-from service.labelstudio import LabelStudioClient
+from service.labelstudio.client import LabelStudioClient
 from service.local import lsserver
 from service.local.quickstart import PROJECT_TITLE
 from service.results import decode_result

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from service.config import ModelConfig, PredictionConfig, WorkerConfig
-from service.labelstudio import LabelStudioClient
+from service.labelstudio.client import LabelStudioClient
 from service.metrics import NoMetrics
 from service.model import SegmentationModel
 from service.queue import JobState, SQLiteJobQueue

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from service.errors import AuthError, ImageError, LabelStudioUnavailable
-from service.labelstudio import LabelStudioClient
+from service.labelstudio.client import LabelStudioClient
 from service.metrics import NoMetrics
 from service.worker.outage import OutageWatch
 

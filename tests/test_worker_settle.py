@@ -21,7 +21,7 @@ from service.errors import (
     PermanentError,
     SkipJob,
 )
-from service.labelstudio import LabelStudioClient
+from service.labelstudio.client import LabelStudioClient
 from service.metrics import NoMetrics
 from service.queue import Job, JobState, SQLiteJobQueue
 from service.worker.held import Held

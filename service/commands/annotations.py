@@ -33,7 +33,8 @@ from service.commands.naming import image_file_name, match_key
 from service.commands.upload import read_mask, scan_masks
 from service.constants import RESULT_ID_PREFIX
 from service.errors import ConfigError, NotFoundError
-from service.labelstudio import Annotation, LabelStudioClient, Project, Task
+from service.labelstudio import Annotation, Project, Task
+from service.labelstudio.client import LabelStudioClient
 from service.results import BrushTarget, brush_results, resolve_target
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,8 @@ import numpy as np
 
 from service.commands.naming import image_file_name, match_key
 from service.errors import ImageError
-from service.labelstudio import LabelStudioClient, PredictionIn, Task
+from service.labelstudio import PredictionIn, Task
+from service.labelstudio.client import LabelStudioClient
 from service.results import BrushTarget, build_prediction, resolve_target
 
 log = logging.getLogger(__name__)

@@ -1,21 +1,8 @@
-"""The async Label Studio (1.23.2) client: the only module that speaks Label Studio's HTTP API.
+"""``LabelStudioClient``: Label Studio's API, one method per call ls-autoseg makes.
 
-Label Studio's JSON is parsed once, here, into the frozen dataclasses below; nothing outside this
-module sees a raw answer. Errors follow ``service.errors``::
-
-    404                              -> NotFoundError
-    401 / 403                        -> AuthError (the message names the likely cause and the fix);
-                                        a 403 to a webhook (SSRF protection) -> LabelStudioError
-    other 4xx                        -> LabelStudioError(status_code=...)
-    connection error, timeout, 429, 5xx, after ``retries`` retries -> LabelStudioUnavailable
-    (except 1.23.2's 500s that are really permanent: unknown upload -> NotFoundError,
-    unresolvable webhook host -> LabelStudioError)
-    download over ``max_bytes``      -> ImageError
-
-Authentication: a Personal Access Token (a JWT refresh token) is exchanged at
-``POST /api/token/refresh/`` for a 5-minute access token sent as ``Bearer``; a legacy key is sent
-as ``Token``. Tokens never appear in messages or logs, and never go to a host other than Label
-Studio's own (file downloads from other hosts and presigned URLs are fetched without them).
+Each method sends through ``transport.Sender`` (retries, the token, errors mapped as the
+``service.labelstudio`` docstring draws them) and parses the answer with ``parse`` into the
+values of ``types``; nothing outside this package sees Label Studio's raw JSON.
 """
 
 from __future__ import annotations
@@ -23,28 +10,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import mimetypes
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
 
-from service.constants import HTTP_SCHEMES, TokenType
-from service.errors import (
-    AuthError,
-    ConfigError,
-    ImageError,
-    LabelStudioError,
-    LabelStudioUnavailable,
-    NotFoundError,
-)
-from service.labelstudio.auth import _NEW_PAT_HINT, Credentials, detect_token_type
+from service.constants import TokenType
+from service.errors import LabelStudioError, NotFoundError
 from service.labelstudio.parse import (
     _content_kind,
     _error_detail,
@@ -61,6 +35,7 @@ from service.labelstudio.parse import (
     _parse_webhook,
     _req_int,
 )
+from service.labelstudio.transport import Sender, _strip_query, _webhook_refused
 from service.labelstudio.types import (
     CLOUD_SCHEMES,
     DEFAULT_MAX_BYTES,
@@ -72,25 +47,6 @@ from service.labelstudio.types import (
     Task,
     Webhook,
 )
-
-log = logging.getLogger(__name__)
-
-
-_MAX_REDIRECTS = 5
-_ERROR_BODY_MAX_BYTES = 256 * 1024
-_DETAIL_MAX_CHARS = 300
-_REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
-
-_LEGACY_DISABLED_HINT = (
-    "legacy tokens are disabled for this Label Studio organization: use a Personal Access Token "
-    "(Account & Settings -> Personal Access Token), or let an administrator enable legacy tokens "
-    "in Organization settings -> API Tokens (POST /api/jwt/settings "
-    '{"legacy_api_tokens_enabled": true})'
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# The client
 
 
 class LabelStudioClient:
@@ -114,40 +70,19 @@ class LabelStudioClient:
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        base = base_url.strip().rstrip("/")
-        if not base.lower().startswith(HTTP_SCHEMES):
-            raise ConfigError(
-                f"Label Studio URL must start with http:// or https://, got {base_url!r}"
-            )
-        token = token.strip()
-        if not token:
-            raise ConfigError("the Label Studio token is empty")
-        if token_type not in ("auto", "pat", "legacy"):
-            raise ConfigError(f"token type must be auto, pat or legacy, got {token_type!r}")
-        self.base_url = base
-        self._base = httpx.URL(base)
-        self._origin = _origin(self._base)
-        self._credentials = Credentials(
+        self._sender = Sender(
+            base_url,
             token,
-            detect_token_type(token) if token_type == "auto" else token_type,
-            base_url=base,
-            post=self._post_without_token,
-        )
-        self.token_type = self._credentials.token_type
-        self._retries = max(0, retries)
-        self._backoff_s = backoff_s
-        self._max_backoff_s = max_backoff_s
-        self._sleep = sleep
-        self._random = random.Random()
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s),
+            token_type,
+            timeout_s=timeout_s,
+            retries=retries,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
             transport=transport,
-            follow_redirects=False,
-            # Label Studio sets a session cookie on token-authenticated requests; keeping it
-            # would authenticate later requests by cookie and hide token problems.
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-            headers={"User-Agent": "ls-autoseg", "Accept": "application/json"},
+            sleep=sleep,
         )
+        self.base_url = self._sender.base_url
+        self.token_type = self._sender.credentials.token_type
 
     async def __aenter__(self) -> Self:
         return self
@@ -161,7 +96,10 @@ class LabelStudioClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._sender.aclose()
+
+    def _url(self, path: str) -> str:
+        return self._sender.url(path)
 
     # -- account ------------------------------------------------------------------------------
 
@@ -170,7 +108,7 @@ class LabelStudioClient:
 
         ``retries`` overrides the client's own (a health probe wants an answer now)."""
         url = self._url("/api/current-user/whoami")
-        response = await self._send("GET", url, allow=frozenset({404}), retries=retries)
+        response = await self._sender.send("GET", url, allow=frozenset({404}), retries=retries)
         if response.status_code == 404 or not _is_json(response):
             raise LabelStudioError(
                 f"{self.base_url} does not look like Label Studio: GET /api/current-user/whoami "
@@ -192,7 +130,7 @@ class LabelStudioClient:
         working once their current access token expires.
         """
         url = self._url("/api/token/")
-        response = await self._send("POST", url, allow=frozenset({409}))
+        response = await self._sender.send("POST", url, allow=frozenset({409}))
         if response.status_code == 409:
             if not replace_existing:
                 raise LabelStudioError(
@@ -200,17 +138,17 @@ class LabelStudioClient:
                     "revoke it in Account & Settings or pass replace_existing=True",
                     409,
                 )
-            listed = _json(await self._send("GET", url))
+            listed = _json(await self._sender.send("GET", url))
             for item in listed if isinstance(listed, list) else []:
                 truncated = _opt_str(_object(item, "token"), "token")
                 if truncated:
-                    await self._send(
+                    await self._sender.send(
                         "POST",
                         self._url("/api/token/blacklist/"),
                         json_body={"refresh": truncated},
                         allow=frozenset({404}),  # already revoked
                     )
-            response = await self._send("POST", url)
+            response = await self._sender.send("POST", url)
         token = _opt_str(_object(_json(response), "token"), "token")
         if not token:
             raise LabelStudioError("Label Studio's answer to POST /api/token/ has no token")
@@ -219,7 +157,7 @@ class LabelStudioClient:
     # -- projects and tasks -------------------------------------------------------------------
 
     async def get_project(self, project_id: int) -> Project:
-        response = await self._send("GET", self._url(f"/api/projects/{int(project_id)}/"))
+        response = await self._sender.send("GET", self._url(f"/api/projects/{int(project_id)}/"))
         return _parse_project(_json(response))
 
     async def list_projects(self) -> list[Project]:
@@ -227,7 +165,7 @@ class LabelStudioClient:
         projects: list[Project] = []
         page = 1
         while True:
-            response = await self._send(
+            response = await self._sender.send(
                 "GET", self._url("/api/projects/"), params={"page": page, "page_size": 100}
             )
             body = _object(_json(response), "project list")
@@ -237,7 +175,7 @@ class LabelStudioClient:
             page += 1
 
     async def create_project(self, title: str, label_config: str) -> Project:
-        response = await self._send(
+        response = await self._sender.send(
             "POST",
             self._url("/api/projects/"),
             json_body={"title": title, "label_config": label_config},
@@ -292,11 +230,11 @@ class LabelStudioClient:
             params["fields"] = "all"
         if query is not None:
             params["query"] = json.dumps(query, separators=(",", ":"))
-        response = await self._send("GET", url, params=params, allow=frozenset({404}))
+        response = await self._sender.send("GET", url, params=params, allow=frozenset({404}))
         if response.status_code == 404:
             if page > 1 and _error_detail(response) == "Invalid page.":
                 return None, None
-            raise self._error("GET", url, response)
+            raise self._sender.error("GET", url, response)
         body = _json(response)
         if isinstance(body, list):
             raw_tasks, total = body, None
@@ -331,14 +269,14 @@ class LabelStudioClient:
 
     async def get_task(self, task_id: int) -> Task:
         """One task with its annotations and predictions."""
-        response = await self._send("GET", self._url(f"/api/tasks/{int(task_id)}/"))
+        response = await self._sender.send("GET", self._url(f"/api/tasks/{int(task_id)}/"))
         return _parse_task(_json(response))
 
     async def import_tasks(self, project_id: int, tasks: Sequence[Mapping[str, Any]]) -> list[int]:
         """Import tasks given as JSON (``{"data": {...}, ...}``); return the new task ids."""
         if not tasks:
             return []
-        response = await self._send(
+        response = await self._sender.send(
             "POST",
             self._url(f"/api/projects/{int(project_id)}/import"),
             params={"return_task_ids": "true"},
@@ -371,7 +309,7 @@ class LabelStudioClient:
                 for i, (name, data) in enumerate(chunk)
             ]
             body = _object(
-                _json(await self._send("POST", url, params=params, files=parts)), "import"
+                _json(await self._sender.send("POST", url, params=params, files=parts)), "import"
             )
             key = "task_ids" if commit else "file_upload_ids"
             ids.extend(_int_list(body.get(key), key))
@@ -383,7 +321,7 @@ class LabelStudioClient:
         Returns the number of tasks created. Label Studio emits TASKS_CREATED inside this
         request's database transaction.
         """
-        response = await self._send(
+        response = await self._sender.send(
             "POST",
             self._url(f"/api/projects/{int(project_id)}/reimport"),
             json_body={"file_upload_ids": list(file_upload_ids), "files_as_tasks_list": False},
@@ -395,7 +333,7 @@ class LabelStudioClient:
     async def create_prediction(self, prediction: PredictionIn, *, retry: bool = True) -> int:
         """Create one prediction. ``retry=False`` makes one try only: a POST that timed out
         may have been applied, so a caller that must not duplicate checks and tries again."""
-        response = await self._send(
+        response = await self._sender.send(
             "POST",
             self._url("/api/predictions/"),
             json_body=prediction.to_json(),
@@ -414,7 +352,7 @@ class LabelStudioClient:
         """
         if not items:
             return 0
-        response = await self._send(
+        response = await self._sender.send(
             "POST",
             self._url(f"/api/projects/{int(project_id)}/import/predictions"),
             json_body=[item.to_json() for item in items],
@@ -422,12 +360,12 @@ class LabelStudioClient:
         return _req_int(_object(_json(response), "import"), "created")
 
     async def delete_prediction(self, prediction_id: int) -> None:
-        await self._send("DELETE", self._url(f"/api/predictions/{int(prediction_id)}/"))
+        await self._sender.send("DELETE", self._url(f"/api/predictions/{int(prediction_id)}/"))
 
     async def create_annotation(
         self, task_id: int, result: list[dict[str, Any]], **extra: Any
     ) -> Annotation:
-        response = await self._send(
+        response = await self._sender.send(
             "POST",
             self._url(f"/api/tasks/{int(task_id)}/annotations/"),
             json_body={**extra, "result": result},
@@ -435,12 +373,12 @@ class LabelStudioClient:
         return _parse_annotation(_json(response))
 
     async def delete_annotation(self, annotation_id: int) -> None:
-        await self._send("DELETE", self._url(f"/api/annotations/{int(annotation_id)}/"))
+        await self._sender.send("DELETE", self._url(f"/api/annotations/{int(annotation_id)}/"))
 
     # -- webhooks -----------------------------------------------------------------------------
 
     async def list_webhooks(self, project_id: int) -> list[Webhook]:
-        response = await self._send(
+        response = await self._sender.send(
             "GET", self._url("/api/webhooks/"), params={"project": int(project_id)}
         )
         return [_parse_webhook(item) for item in _list(_json(response), "webhooks")]
@@ -458,7 +396,7 @@ class LabelStudioClient:
         with 403: raised as LabelStudioError (not AuthError) with ``status_code`` 403; a host
         Label Studio cannot resolve gives ``status_code`` 500.
         """
-        response = await self._send(
+        response = await self._sender.send(
             "POST",
             self._url("/api/webhooks/"),
             allow=frozenset({403}),
@@ -489,7 +427,7 @@ class LabelStudioClient:
         the current ones are read and sent again when ``actions`` is None."""
         hook_url = self._url(f"/api/webhooks/{int(webhook_id)}/")
         if actions is None:
-            actions = _parse_webhook(_json(await self._send("GET", hook_url))).actions
+            actions = _parse_webhook(_json(await self._sender.send("GET", hook_url))).actions
         fields: dict[str, Any] = {
             "actions": list(actions),
             "send_for_all_actions": False,
@@ -500,11 +438,13 @@ class LabelStudioClient:
             fields["url"] = url
         if headers is not None:
             fields["headers"] = dict(headers)
-        response = await self._send("PATCH", hook_url, json_body=fields, allow=frozenset({403}))
+        response = await self._sender.send(
+            "PATCH", hook_url, json_body=fields, allow=frozenset({403})
+        )
         return _parse_webhook(_json(_webhook_refused(response, url)))
 
     async def delete_webhook(self, webhook_id: int) -> None:
-        await self._send("DELETE", self._url(f"/api/webhooks/{int(webhook_id)}/"))
+        await self._sender.send("DELETE", self._url(f"/api/webhooks/{int(webhook_id)}/"))
 
     # -- files --------------------------------------------------------------------------------
 
@@ -527,13 +467,13 @@ class LabelStudioClient:
         if url.startswith("/") and not url.startswith("//"):
             if url.startswith("/data/local-files"):
                 shown = url  # ?d= is the file's path, not a secret
-            return await self._fetch(self._data_url(url), shown, max_bytes)
+            return await self._sender.fetch(self._sender.data_url(url), shown, max_bytes)
         if scheme in ("http", "https"):
             try:
                 target = httpx.URL(url)
             except httpx.InvalidURL as exc:
                 raise LabelStudioError(f"task {task_id}: invalid image URL {shown}: {exc}") from exc
-            return await self._fetch(target, shown, max_bytes)
+            return await self._sender.fetch(target, shown, max_bytes)
         raise LabelStudioError(
             f"task {task_id}: cannot download {shown[:200]!r}: expected /data/..., http(s)://, "
             "s3://, gs:// or azure-blob://"
@@ -546,7 +486,7 @@ class LabelStudioClient:
         )
         try:
             # messages show the bucket and key, never the presigned URL's signature
-            return await self._fetch(resolve, uri, max_bytes)
+            return await self._sender.fetch(resolve, uri, max_bytes)
         except NotFoundError as exc:
             raise NotFoundError(
                 f"task {task_id}: {uri} not found: Label Studio could not resolve it (no cloud "
@@ -554,304 +494,3 @@ class LabelStudioClient:
                 f"has no such object ({exc})",
                 404,
             ) from exc
-
-    async def _fetch(self, target: httpx.URL, shown: str, max_bytes: int) -> bytes:
-        with_auth = self._is_label_studio(target)
-        for _ in range(_MAX_REDIRECTS + 1):
-            response = await self._send(
-                "GET", target, auth=with_auth, stream=True, external=not with_auth, shown=shown
-            )
-            try:
-                if response.status_code in _REDIRECT_CODES:
-                    location = response.headers.get("location")
-                    if not location:
-                        raise LabelStudioError(
-                            f"GET {shown}: redirect {response.status_code} without a Location",
-                            response.status_code,
-                        )
-                    target = target.join(location)
-                    # once off Label Studio's host, the token never comes back
-                    with_auth = with_auth and self._is_label_studio(target)
-                    continue
-                if not 200 <= response.status_code < 300:
-                    raise LabelStudioError(
-                        f"GET {shown}: unexpected answer {response.status_code}",
-                        response.status_code,
-                    )
-                return await _read_capped(response, max_bytes, shown)
-            finally:
-                await response.aclose()
-        raise LabelStudioError(f"GET {shown}: more than {_MAX_REDIRECTS} redirects")
-
-    # -- transport ----------------------------------------------------------------------------
-
-    def _url(self, path: str) -> str:
-        return self.base_url + path
-
-    def _data_url(self, path: str) -> httpx.URL:
-        """A root-relative task URL. Label Studio served under a path prefix writes the prefix
-        into its upload URLs; the base URL carries it too, so it must not be doubled."""
-        prefix = self._base.path.rstrip("/")
-        if prefix and (path == prefix or path.startswith(prefix + "/")):
-            return httpx.URL(f"{self._origin_str()}{path}")
-        return httpx.URL(f"{self.base_url}{path}")
-
-    def _origin_str(self) -> str:
-        scheme, host, port = self._origin
-        return f"{scheme}://{host}:{port}" if ":" not in host else f"{scheme}://[{host}]:{port}"
-
-    def _is_label_studio(self, url: httpx.URL) -> bool:
-        return _origin(url) == self._origin
-
-    async def _post_without_token(
-        self, path: str, json_body: Any, allow: frozenset[int]
-    ) -> httpx.Response:
-        return await self._send(
-            "POST", self._url(path), auth=False, json_body=json_body, allow=allow
-        )
-
-    async def _send(
-        self,
-        method: str,
-        url: str | httpx.URL,
-        *,
-        auth: bool = True,
-        params: Mapping[str, str | int] | None = None,
-        json_body: Any = None,
-        files: list[tuple[str, tuple[str, bytes, str]]] | None = None,
-        allow: frozenset[int] = frozenset(),
-        stream: bool = False,
-        external: bool = False,
-        shown: str | None = None,
-        retries: int | None = None,
-    ) -> httpx.Response:
-        """One request with retries. Returns 1xx-3xx and ``allow``-ed answers, raises for the
-        rest. With ``stream`` the returned response is open: the caller closes it."""
-        label = shown if shown is not None else _strip_query(str(url))
-        flow = self._credentials.flow() if auth else None
-        attempt = 0
-        while True:
-            request = self._http.build_request(
-                method, url, params=params, json=json_body, files=files
-            )
-            retry_after: float | None = None
-            try:
-                response = await self._http.send(request, stream=True, auth=flow)
-            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-                reason = _transport_reason(exc)
-            except httpx.HTTPError as exc:
-                raise LabelStudioError(f"{method} {label}: {type(exc).__name__}: {exc}") from exc
-            else:
-                status = response.status_code
-                if status < 400 or status in allow:
-                    if not stream:
-                        try:
-                            await response.aread()
-                        finally:
-                            await response.aclose()
-                    return response
-                response = await _read_error_body(response)
-                if status != 429 and status < 500:
-                    raise self._error(method, url, response, external=external, shown=label)
-                permanent = _permanent_5xx(method, label, request, response)
-                if permanent is not None:
-                    raise permanent
-                reason = f"HTTP {status}"
-                detail = _error_detail(response)
-                if detail:
-                    reason += f" ({detail})"
-                retry_after = _retry_after_s(response)
-            if attempt >= (self._retries if retries is None else retries):
-                where = "" if external else " Label Studio"
-                raise LabelStudioUnavailable(
-                    f"{method} {label} failed after {attempt + 1} tries:{where} {reason}"
-                )
-            delay = self._delay(attempt, retry_after)
-            log.warning(
-                "%s %s: %s; retry %d/%d in %.1f s",
-                method,
-                label,
-                reason,
-                attempt + 1,
-                self._retries,
-                delay,
-            )
-            await self._sleep(delay)
-            attempt += 1
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), self._max_backoff_s)
-        ceiling = min(self._max_backoff_s, self._backoff_s * (2.0**attempt))
-        return ceiling * (0.5 + 0.5 * self._random.random())
-
-    def _error(
-        self,
-        method: str,
-        url: str | httpx.URL,
-        response: httpx.Response,
-        *,
-        external: bool = False,
-        shown: str | None = None,
-    ) -> LabelStudioError:
-        status = response.status_code
-        label = shown if shown is not None else _strip_query(str(url))
-        detail = _error_detail(response)
-        if "html" in _content_kind(response) and not external:
-            detail = f"{_content_kind(response)}; is {self.base_url} the Label Studio URL?"
-        text = f"{method} {label}: {status}" + (f" {detail}" if detail else "")
-        if status == 404:
-            return NotFoundError(text, status)
-        if status in (401, 403) and not external:
-            return AuthError(self._auth_message(method, label, response), status)
-        return LabelStudioError(text, status)
-
-    def _auth_message(self, method: str, label: str, response: httpx.Response) -> str:
-        status = response.status_code
-        where = f"{method} {label}"
-        if not _is_json(response):
-            return (
-                f"{where} answered {status} with {_content_kind(response)}, not Label Studio's "
-                f"JSON: check the URL {self.base_url} (a proxy or login page may be in front of "
-                "Label Studio)."
-            )
-        detail = _error_detail(response) or f"HTTP {status}"
-        lowered = detail.lower()
-        if "legacy token authentication has been disabled" in lowered:
-            return f"Label Studio refused the token on {where} ({detail}): {_LEGACY_DISABLED_HINT}."
-        if status == 403:
-            return (
-                f"Label Studio refused {where} (403: {detail}): the token's user lacks permission "
-                "for this project or action; use a token of a user who has access."
-            )
-        if self.token_type == "legacy":
-            if self._credentials.is_jwt:
-                return (
-                    f"Label Studio refused the token on {where} ({detail}): it is a Personal "
-                    "Access Token (a JWT) but was sent as a legacy token. Use token type 'pat' "
-                    "or 'auto'."
-                )
-            if "invalid token" in lowered:
-                return (
-                    f"Label Studio refused the legacy token on {where} ({detail}): it is wrong, "
-                    "was reset, or belongs to another server. Copy it again from Account & "
-                    f"Settings, or {_NEW_PAT_HINT} and use that."
-                )
-        elif "not provided" in lowered or "not valid" in lowered:
-            return (
-                f"Label Studio did not accept the access token obtained from the Personal Access "
-                f"Token on {where} ({detail}): Personal Access Tokens may be disabled for this "
-                "organization (Organization settings -> API Tokens, /api/jwt/settings "
-                "api_tokens_enabled), or a proxy drops the Authorization header."
-            )
-        return f"Label Studio refused the token on {where} ({status}: {detail})."
-
-
-# ---------------------------------------------------------------------------------------------
-# HTTP helpers
-
-
-def _origin(url: httpx.URL) -> tuple[str, str, int]:
-    scheme = url.scheme.lower()
-    port = url.port if url.port is not None else (443 if scheme == "https" else 80)
-    return scheme, url.host.lower(), port
-
-
-def _permanent_5xx(
-    method: str, label: str, request: httpx.Request, response: httpx.Response
-) -> LabelStudioError | None:
-    """500s of Label Studio 1.23.2 that retrying cannot fix.
-
-    An unknown /data/upload/ file (its view calls ``has_permission`` on None) is a 404; a
-    webhook URL whose host does not resolve (SSRF check on) is a bad request.
-    """
-    if response.status_code != 500:
-        return None
-    detail = _error_detail(response)
-    if "/data/upload/" in request.url.path and "has_permission" in detail:
-        return NotFoundError(f"{method} {label}: no such uploaded file", 404)
-    if detail.startswith("Can't resolve hostname"):
-        return LabelStudioError(f"{method} {label}: 500 {detail}", 500)
-    return None
-
-
-def _webhook_refused(response: httpx.Response, url: str | None) -> httpx.Response:
-    """A 403 to a webhook is mostly SSRF protection refusing the URL: not a token problem."""
-    if response.status_code == 403:
-        target = f" {_strip_query(url)}" if url else ""
-        detail = _error_detail(response) or "forbidden"
-        raise LabelStudioError(f"Label Studio refused the webhook{target} (403: {detail})", 403)
-    return response
-
-
-def _strip_query(url: str) -> str:
-    """A URL fit for messages: query strings may carry signatures."""
-    return url.split("?", 1)[0].split("#", 1)[0]
-
-
-async def _read_error_body(response: httpx.Response) -> httpx.Response:
-    """Read an error answer (bounded: a 5xx to a download may be large) into a closed copy."""
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in response.aiter_bytes():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size >= _ERROR_BODY_MAX_BYTES:
-                break
-    except httpx.HTTPError:
-        chunks = []
-    finally:
-        await response.aclose()
-    headers = [
-        (k, v)
-        for k, v in response.headers.multi_items()
-        if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
-    ]
-    return httpx.Response(
-        response.status_code, headers=headers, content=b"".join(chunks), request=response.request
-    )
-
-
-async def _read_capped(response: httpx.Response, max_bytes: int, shown: str) -> bytes:
-    declared = response.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise ImageError(f"{shown} is {int(declared)} bytes, over the {max_bytes}-byte limit")
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > max_bytes:
-                raise ImageError(f"{shown} is over the {max_bytes}-byte limit")
-            chunks.append(chunk)
-    except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-        raise LabelStudioUnavailable(f"GET {shown}: {_transport_reason(exc)}") from exc
-    return b"".join(chunks)
-
-
-def _transport_reason(exc: httpx.HTTPError) -> str:
-    if isinstance(exc, httpx.ConnectTimeout):
-        return "connection timed out"
-    if isinstance(exc, httpx.TimeoutException):
-        return f"timed out ({type(exc).__name__})"
-    if isinstance(exc, httpx.ConnectError):
-        return f"cannot connect ({exc})" if str(exc) else "cannot connect"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _retry_after_s(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after", "").strip()
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())

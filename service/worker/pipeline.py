@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 
 from service.errors import PermanentError
-from service.labelstudio import LabelStudioClient, PredictionIn, Task
+from service.labelstudio import PredictionIn, Task
+from service.labelstudio.client import LabelStudioClient
 from service.metrics import NoMetrics, WorkerMetrics
 from service.model import ImagePrediction, Segmenter
 from service.model.images import decode_image

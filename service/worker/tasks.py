@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.errors import AutosegError, NotFoundError, NotYetVisible, PermanentError, SkipJob
-from service.labelstudio import LabelStudioClient, Task
+from service.labelstudio import Task
+from service.labelstudio.client import LabelStudioClient
 from service.queue import Job
 from service.worker.outage import OutageWatch
 
