@@ -101,6 +101,35 @@ def test_bad_model_settings(tmp_path: Path, model: str, message: str) -> None:
         load_config(write(tmp_path, "model:\n  path: m.pt\n" + model), environ={})
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model:\n  labels: [a]\n", r"model\.path is required"),
+        (MINIMAL + "projects: [{}]\n", r"projects\[0\]\.id is required"),
+        (MINIMAL + "projects: {id: 1}\n", "projects must be a list"),
+        (MINIMAL + "server: {port: -1}\n", r"server\.port must be >= 0"),
+        (MINIMAL + "server: {host: ''}\n", r"server\.host must be a non-empty string"),
+        (MINIMAL + "server: {webhook_secret: 5}\n", "webhook_secret must be a string"),
+        (MINIMAL + "label_studio: {token_type: oauth}\n", r"\['auto', 'pat', 'legacy'\]"),
+        (MINIMAL + "label_studio: {timeout_s: fast}\n", "timeout_s must be a number"),
+        (MINIMAL + "reconcile: {on_startup: 1}\n", "on_startup must be true or false"),
+        (MINIMAL + "prediction: {score: 1.5}\n", "score must be between 0 and 1"),
+        (MINIMAL + "prediction: {max_pixels: 0}\n", r"max_pixels must be >= 1"),
+        (MINIMAL + "server: []\n", "server must be a mapping"),
+    ],
+)
+def test_each_section_checks_its_fields_by_their_types(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text), environ={})
+
+
+def test_a_null_device_is_the_default_device(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL + "  device: null\n"), environ={})
+    assert config.model.device == ModelConfig(path=Path(), labels=("a",)).device
+
+
 def test_yaml_syntax_error_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "model: [\n"), environ={})

@@ -34,8 +34,6 @@ from service.errors import ConfigError
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 CONFIG_ENV_VAR = "LS_AUTOSEG_CONFIG"
-# The repository's own config.yaml (bundled demo model): service/config/ -> the repository.
-_BUNDLED = Path(__file__).resolve().parents[2] / "config.yaml"
 
 
 def find_config(explicit: Path | None = None) -> Path:
@@ -53,8 +51,10 @@ def find_config(explicit: Path | None = None) -> Path:
     here = Path("config.yaml")
     if here.is_file():
         return here
-    if _BUNDLED.is_file():
-        return _BUNDLED
+    # The repository's own config.yaml (bundled demo model): service/config/ -> the repository.
+    bundled = Path(__file__).resolve().parents[2] / "config.yaml"
+    if bundled.is_file():
+        return bundled
     raise ConfigError(
         "no config file: pass --config FILE, set $LS_AUTOSEG_CONFIG, "
         "or run from a folder holding config.yaml"
