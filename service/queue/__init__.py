@@ -1,8 +1,14 @@
-"""The durable job queue between intake and workers: the contract and its implementations."""
+"""The durable job queue between intake and workers.
+
+``base`` holds the contract (``JobQueue``, ``Job``, ``JobState``, ``QueueSpan``), ``checks``
+the argument checks every implementation makes, ``sqlite`` and ``sqlite_schema`` the one
+implementation today; ``tests/test_queue_contract.py`` is the suite each one passes.
+"""
 
 from __future__ import annotations
 
 from service.queue.base import Job, JobQueue, JobState, QueueSpan
-from service.queue.sqlite import SCHEMA_VERSION, SQLiteJobQueue
+from service.queue.sqlite import SQLiteJobQueue
+from service.queue.sqlite_schema import SCHEMA_VERSION
 
 __all__ = ["SCHEMA_VERSION", "Job", "JobQueue", "JobState", "QueueSpan", "SQLiteJobQueue"]

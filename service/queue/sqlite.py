@@ -1,5 +1,6 @@
 """The job journal in one SQLite file (WAL, ``synchronous=FULL``): safe for the threads of one
-process and for several processes on the same file. The rules it keeps are in ``base.py``.
+process and for several processes on the same file. The rules it keeps are in ``base.py``,
+its tables in ``sqlite_schema.py``, the argument checks every queue shares in ``checks.py``.
 """
 
 from __future__ import annotations
@@ -19,112 +20,28 @@ from types import TracebackType
 from typing import NoReturn, Self
 
 from service.errors import ConfigError, RetryableError
+from service.queue import checks
 from service.queue.base import Job, JobQueue, JobState, QueueSpan
+from service.queue.sqlite_schema import (
+    COLUMNS,
+    CONFIG_CODES,
+    MIN_SQLITE,
+    RETRYABLE_CODES,
+    SCHEMA,
+    SCHEMA_VERSION,
+    row_to_job,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: the inbox table
 DEFAULT_BUSY_TIMEOUT_S = 5.0
 _EXPAND_PER_CLAIM = 4
-MIN_SQLITE = (3, 38, 0)  # RETURNING (3.35) and built-in JSON (3.38)
 
 
-_COLUMNS = (
-    "id, project, task, model_version, state, attempts, reason, created_at, updated_at, not_before"
-)
-
-# Two indexes for the two hot reads: claim walks queued jobs in id order and stops after
-# ``limit`` due ones; next_due wants the smallest not_before of the queued jobs.
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS jobs (
-    id            INTEGER PRIMARY KEY,
-    project       INTEGER NOT NULL,
-    task          INTEGER NOT NULL,
-    model_version TEXT    NOT NULL,
-    state         TEXT    NOT NULL CHECK (state IN ({", ".join(f"'{s.value}'" for s in JobState)})),
-    attempts      INTEGER NOT NULL DEFAULT 0,
-    reason        TEXT,
-    created_at    REAL    NOT NULL,
-    updated_at    REAL    NOT NULL,
-    not_before    REAL    NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_key ON jobs (project, task, model_version);
-CREATE INDEX IF NOT EXISTS jobs_state_id ON jobs (state, id);
-CREATE INDEX IF NOT EXISTS jobs_state_due ON jobs (state, not_before);
-CREATE TABLE IF NOT EXISTS inbox (
-    id            INTEGER PRIMARY KEY,
-    project       INTEGER NOT NULL,
-    model_version TEXT    NOT NULL,
-    task_ids      TEXT    NOT NULL,  -- a JSON array of ints
-    received_at   REAL    NOT NULL
-);
-"""
-
-# SQLite result codes (the low byte of an extended code) that mean someone else holds the
-# database, or a resource may come back: worth another try later.
-_RETRYABLE_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL})
-# Codes that mean the file itself is unusable: a wrong path, permissions, not a database.
-_CONFIG_CODES = frozenset(
-    {
-        sqlite3.SQLITE_CANTOPEN,
-        sqlite3.SQLITE_PERM,
-        sqlite3.SQLITE_READONLY,
-        sqlite3.SQLITE_NOTADB,
-        sqlite3.SQLITE_CORRUPT,
-        sqlite3.SQLITE_AUTH,
-    }
-)
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63
-
-
-def _checked_ids(project: int, task_ids: Sequence[int], model_version: str) -> str:
-    """The task ids as a JSON array ("" for none), after checking all three arguments."""
-    if not _is_positive_int(project):
-        raise ValueError(f"project must be a positive integer, got {project!r}")
-    if not isinstance(model_version, str) or not model_version:
-        raise ValueError(f"model_version must be a non-empty string, got {model_version!r}")
-    if isinstance(task_ids, str | bytes):
-        raise ValueError("task_ids must be a sequence of integers, not a string")
-    bad = [t for t in task_ids if not _is_positive_int(t)]
-    if bad:
-        raise ValueError(f"task ids must be positive integers, got {bad[:5]!r}")
-    return json.dumps([int(t) for t in task_ids]) if task_ids else ""
-
-
-def _row_to_job(row: tuple[object, ...]) -> Job:
-    (
-        job_id,
-        project,
-        task,
-        model_version,
-        state,
-        attempts,
-        reason,
-        created_at,
-        updated_at,
-        not_before,
-    ) = row
-    assert isinstance(job_id, int) and isinstance(project, int) and isinstance(task, int)
-    assert isinstance(model_version, str) and isinstance(state, str)
-    assert isinstance(attempts, int) and (reason is None or isinstance(reason, str))
-    # REAL columns may hand back whole numbers as int (e.g. from RETURNING): float() them.
-    assert isinstance(created_at, int | float) and isinstance(updated_at, int | float)
-    assert isinstance(not_before, int | float)
-    return Job(
-        id=job_id,
-        project=project,
-        task=task,
-        model_version=model_version,
-        state=JobState(state),
-        attempts=attempts,
-        reason=reason,
-        created_at=float(created_at),
-        updated_at=float(updated_at),
-        not_before=float(not_before),
-    )
+def _json_ids(project: int, task_ids: Sequence[int], model_version: str) -> str:
+    """The checked task ids as a JSON array for ``json_each`` ("" for none)."""
+    ids = checks.job_args(project, task_ids, model_version)
+    return json.dumps(ids) if ids else ""
 
 
 @dataclass(frozen=True)
@@ -158,8 +75,7 @@ class SQLiteJobQueue(JobQueue):
         clock: Callable[[], float] = time.time,
         busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
     ) -> None:
-        if not _is_positive_int(max_attempts):
-            raise ValueError(f"max_attempts must be a positive integer, got {max_attempts!r}")
+        checks.max_attempts(max_attempts)
         if not (math.isfinite(busy_timeout_s) and busy_timeout_s >= 0):
             raise ValueError(f"busy_timeout_s must be >= 0, got {busy_timeout_s!r}")
         self.path = Path(path)
@@ -217,7 +133,7 @@ class SQLiteJobQueue(JobQueue):
                         f"this program's {SCHEMA_VERSION}; upgrade ls-autoseg"
                     )
                 if version < SCHEMA_VERSION:
-                    for statement in _SCHEMA.split(";"):
+                    for statement in SCHEMA.split(";"):
                         if statement.strip():
                             self._conn.execute(statement)
                     self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -231,9 +147,9 @@ class SQLiteJobQueue(JobQueue):
         code = getattr(exc, "sqlite_errorcode", None)
         primary = code & 0xFF if isinstance(code, int) else None
         where = f"job database {self.path}"
-        if primary in _RETRYABLE_CODES:
+        if primary in RETRYABLE_CODES:
             raise RetryableError(f"{where} is busy or out of space ({action}): {exc}") from exc
-        if primary in _CONFIG_CODES:
+        if primary in CONFIG_CODES:
             raise ConfigError(f"{where} cannot be used ({action}): {exc}; check state_dir") from exc
         if primary == sqlite3.SQLITE_IOERR:
             raise RetryableError(f"disk I/O error on the {where} ({action}): {exc}") from exc
@@ -265,7 +181,7 @@ class SQLiteJobQueue(JobQueue):
     # -- writes -----------------------------------------------------------------------------
 
     def enqueue(self, project: int, task_ids: Sequence[int], model_version: str) -> int:
-        ids = _checked_ids(project, task_ids, model_version)
+        ids = _json_ids(project, task_ids, model_version)
         if not ids:
             return 0
         with self._locked("enqueue") as conn:
@@ -276,7 +192,7 @@ class SQLiteJobQueue(JobQueue):
         return new
 
     def accept(self, project: int, task_ids: Sequence[int], model_version: str) -> int:
-        ids = _checked_ids(project, task_ids, model_version)
+        ids = _json_ids(project, task_ids, model_version)
         if not ids:
             return 0
         with self._locked("accept") as conn:
@@ -341,9 +257,7 @@ class SQLiteJobQueue(JobQueue):
         )
 
     def claim(self, limit: int) -> list[Job]:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
-        if limit == 0:
+        if checks.limit(limit) == 0:
             return []
         # A few rows per claim (each up to 5000 ids): a long inbox is worked off over the
         # next claims instead of stalling this one.
@@ -357,10 +271,10 @@ class SQLiteJobQueue(JobQueue):
                     f"UPDATE jobs SET state = 'running', attempts = attempts + 1,"
                     f" updated_at = ? WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_state_id"
                     f" WHERE state = 'queued' AND not_before <= ? ORDER BY id LIMIT ?)"
-                    f" RETURNING {_COLUMNS}",
+                    f" RETURNING {COLUMNS}",
                     (now, now, limit),
                 ).fetchall()
-        jobs = sorted((_row_to_job(row) for row in rows), key=lambda job: job.id)
+        jobs = sorted((row_to_job(row) for row in rows), key=lambda job: job.id)
         for job in jobs:
             log.debug("%s: queued -> running (attempt %d)", _describe(job), job.attempts)
         return jobs
@@ -375,12 +289,10 @@ class SQLiteJobQueue(JobQueue):
         with self._locked(action) as conn:
             now = self._clock()
             with self._write():
-                row = conn.execute(
-                    f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
-                ).fetchone()
+                row = conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
                 if row is None:
                     raise ValueError(f"{action}: no job with id {job_id}")
-                before = _row_to_job(row)
+                before = row_to_job(row)
                 if before.state is not JobState.RUNNING:
                     raise ValueError(
                         f"{action}: {_describe(before)} is {before.state.value}, not running"
@@ -388,7 +300,7 @@ class SQLiteJobQueue(JobQueue):
                 change = decide(before, now)
                 after_row = conn.execute(
                     f"UPDATE jobs SET state = ?, reason = ?, not_before = ?, attempts = ?,"
-                    f" updated_at = ? WHERE id = ? RETURNING {_COLUMNS}",
+                    f" updated_at = ? WHERE id = ? RETURNING {COLUMNS}",
                     (
                         change.state.value,
                         change.reason,
@@ -398,7 +310,7 @@ class SQLiteJobQueue(JobQueue):
                         job_id,
                     ),
                 ).fetchone()
-        return _row_to_job(after_row)
+        return row_to_job(after_row)
 
     def _terminal(self, job_id: int, state: JobState, reason: str | None) -> Job:
         after = self._finish(
@@ -427,8 +339,7 @@ class SQLiteJobQueue(JobQueue):
         return self._terminal(job_id, JobState.FAILED, reason)
 
     def retry_later(self, job_id: int, reason: str, delay_s: float) -> Job:
-        if not (isinstance(delay_s, int | float) and math.isfinite(delay_s) and delay_s >= 0):
-            raise ValueError(f"delay_s must be a finite number >= 0, got {delay_s!r}")
+        checks.delay_s(delay_s)
 
         def decide(job: Job, now: float) -> _Change:
             if job.attempts >= self.max_attempts:
@@ -471,17 +382,17 @@ class SQLiteJobQueue(JobQueue):
                 failed = conn.execute(
                     f"UPDATE jobs SET state = 'failed', updated_at = ?,"
                     f" reason = 'crashed the worker ' || attempts || ' times'"
-                    f" WHERE state = 'running' AND attempts >= ? RETURNING {_COLUMNS}",
+                    f" WHERE state = 'running' AND attempts >= ? RETURNING {COLUMNS}",
                     (now, self.max_attempts),
                 ).fetchall()
                 requeued = conn.execute(
                     f"UPDATE jobs SET state = 'queued', updated_at = ?"
-                    f" WHERE state = 'running' RETURNING {_COLUMNS}",
+                    f" WHERE state = 'running' RETURNING {COLUMNS}",
                     (now,),
                 ).fetchall()
-        for job in sorted(map(_row_to_job, failed), key=lambda job: job.id):
+        for job in sorted(map(row_to_job, failed), key=lambda job: job.id):
             log.warning("%s: running -> failed: %s", _describe(job), job.reason)
-        for job in sorted(map(_row_to_job, requeued), key=lambda job: job.id):
+        for job in sorted(map(row_to_job, requeued), key=lambda job: job.id):
             log.info(
                 "%s: running -> queued (recovered after a crash, attempt %d of %d)",
                 _describe(job),
@@ -512,21 +423,20 @@ class SQLiteJobQueue(JobQueue):
     def get(self, project: int, task: int, model_version: str) -> Job | None:
         with self._locked("get") as conn:
             row = conn.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE project = ? AND task = ? AND model_version = ?",
+                f"SELECT {COLUMNS} FROM jobs WHERE project = ? AND task = ? AND model_version = ?",
                 (project, task, model_version),
             ).fetchone()
-        return None if row is None else _row_to_job(row)
+        return None if row is None else row_to_job(row)
 
     def recent_failures(self, limit: int = 20) -> list[Job]:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
+        checks.limit(limit)
         with self._locked("recent_failures") as conn:
             rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE state = 'failed'"
+                f"SELECT {COLUMNS} FROM jobs WHERE state = 'failed'"
                 " ORDER BY updated_at DESC, id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [_row_to_job(row) for row in rows]
+        return [row_to_job(row) for row in rows]
 
     def span(self) -> QueueSpan:
         with self._locked("span") as conn:
