@@ -4,8 +4,8 @@ Run from the repository root (no Label Studio needed; about a minute with the de
 
     .venv/bin/python benchmarks/bench_intake.py [--senders 8] [--bodies 320] [--tasks 5000]
 
-What runs: the service's real web app (``service.intake.webhook.create_app``) with its real job
-queue
+What runs: the service's real web app (``service.app.create_app`` with its
+``WebhookIntake``) and its real job queue
 (``SQLiteJobQueue`` from ``service.server.open_queue``: WAL, ``synchronous=FULL``) in a
 temporary ``state_dir``, built from a config file written the way an operator writes one
 (``config.yaml`` of this repository with the project, server and state_dir replaced) and served
@@ -97,7 +97,7 @@ class _ExpandingHooks:
         pass
 
     async def readiness(self) -> Any:
-        from service.intake.webhook import Readiness
+        from service.app import Readiness
 
         return Readiness(True, {"model": "not loaded (benchmark)"})
 
@@ -108,8 +108,9 @@ def serve(config_path: Path) -> None:
 
     import uvicorn
 
+    from service.app import create_app
     from service.config import load_config
-    from service.intake.webhook import WebhookSettings, create_app
+    from service.intake import WebhookIntake, WebhookSettings
     from service.metrics import Metrics
     from service.server import open_queue
 
@@ -119,7 +120,9 @@ def serve(config_path: Path) -> None:
     config = load_config(config_path)
     queue = open_queue(config)
     metrics = Metrics(queue)
-    app = create_app(WebhookSettings.from_config(config), queue, _ExpandingHooks(queue), metrics)
+    hooks = _ExpandingHooks(queue)
+    webhook = WebhookIntake(WebhookSettings.from_config(config), queue, hooks, metrics)
+    app = create_app([webhook], hooks, metrics)
     server = uvicorn.Server(
         uvicorn.Config(  # the settings of service.server.make_server
             app,

@@ -21,10 +21,11 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
+from service.app import Readiness, create_app
 from service.config import Config
 from service.constants import QUEUE_FILE
 from service.errors import AutosegError, ConfigError
-from service.intake.webhook import Readiness, WebhookSettings, create_app
+from service.intake import WebhookIntake, WebhookSettings
 from service.labelstudio.client import LabelStudioClient
 from service.metrics import Metrics
 from service.model import SegmentationModel
@@ -207,13 +208,10 @@ class Service:
     # -- running --------------------------------------------------------------------------
 
     def app(self) -> Starlette:
-        return create_app(
-            WebhookSettings.from_config(self.config),
-            self.queue,
-            self,
-            self.metrics,
-            lifespan=self.lifespan,
+        webhook = WebhookIntake(
+            WebhookSettings.from_config(self.config), self.queue, self, self.metrics
         )
+        return create_app([webhook], self, self.metrics, lifespan=self.lifespan)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:

@@ -1,4 +1,4 @@
-"""The HTTP face of the always-on service: the webhook, health, readiness and metrics.
+"""The webhook intake: ``POST /webhook`` turns a ``TASKS_CREATED`` body into queued task ids.
 
 Label Studio sends each ``TASKS_CREATED`` webhook once, with a 1 s timeout, and never
 retries. So the handler does the least that makes the event safe: it checks the shared
@@ -6,17 +6,15 @@ secret, reads the project id and task ids, records them durably in the queue's i
 row per body; the worker's next claim turns them into one job per task, repeats dropped),
 wakes the worker and answers. Everything slow happens in the worker.
 
-Routes::
+Answers (the app's route table is in ``service/app.py``)::
 
-    POST /webhook   401 bad secret, 413 too large, 400 malformed, 503 queue unavailable;
-                    200 {"queued": n} (n task ids made durable) | 200 {"ignored": ...}
-                    | 202 {"reconcile": project id or "all"} (sent without payload)
-    GET  /health    200 {"status": "alive"}: the process answers (liveness)
-    GET  /ready     200/503 {"ready": bool, "checks": {...}}: model, Label Studio, token
-    GET  /metrics   Prometheus text format
+    401 bad secret, 413 too large, 400 malformed, 503 queue unavailable;
+    200 {"queued": n} (n task ids made durable) | 200 {"ignored": ...}
+    | 202 {"reconcile": project id or "all"} (sent without payload)
 
-The body is parsed once, here, into a :class:`WebhookEvent`; only ids leave this module:
-no URL or other field of the payload is used, and no payload or secret is logged.
+The body is parsed once, here, into a :class:`WebhookEvent` by one msgspec schema
+(:func:`decode_event`); only ids leave this module: no URL or other field of the payload is
+used, and no payload or secret is logged.
 """
 
 from __future__ import annotations
@@ -25,33 +23,33 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Protocol
+from typing import Annotated, Final, TypeVar
 
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from starlette.types import Lifespan
+from starlette.routing import BaseRoute, Route
 
 from service.config import Config, MissingEnv
 from service.constants import SECRET_HEADER, TASKS_CREATED
 from service.errors import BadWebhook, ConfigError, RetryableError
+from service.intake.base import IntakeHooks
 from service.metrics import Metrics
 from service.queue import JobQueue
 
 log = logging.getLogger(__name__)
 
-# Bodies above this are parsed in a worker thread: json.loads of a 5000-task import takes
-# tens of milliseconds, which would stall every other request on the event loop.
+# Bodies above this are decoded in a worker thread: msgspec takes milliseconds for a
+# 5000-task body, and one it refuses goes through json.loads, tens of milliseconds, which
+# would stall every other request on the event loop.
 PARSE_IN_THREAD_BYTES: Final = 256 * 1024
 # Bound on the "logged once" memory for unconfigured projects.
 _MAX_REMEMBERED_PROJECTS: Final = 1024
-_MAX_ID: Final = 2**63  # SQLite INTEGER
+_MAX_ID: Final = 2**63 - 1  # SQLite INTEGER
 
 
 @dataclass(frozen=True)
@@ -96,30 +94,7 @@ class WebhookSettings:
         ).check()
 
 
-@dataclass(frozen=True)
-class Readiness:
-    """The answer of ``GET /ready``: ready, and one line per check ("ok" or the reason)."""
-
-    ready: bool
-    checks: Mapping[str, str]
-
-
-class ServiceHooks(Protocol):
-    """What the app needs from the running service.
-
-    ``wake`` and ``request_reconcile`` are called on the event loop: they must only signal
-    (set an event, put on a queue), never block.
-    """
-
-    def wake(self) -> None:
-        """New jobs are in the queue."""
-        ...
-
-    def request_reconcile(self, project: int | None) -> None:
-        """Look for unprocessed tasks in ``project``, or in every configured one (None)."""
-        ...
-
-    async def readiness(self) -> Readiness: ...
+# --------------------------------------------------------------------------- the body
 
 
 @dataclass(frozen=True)
@@ -135,197 +110,165 @@ class WebhookEvent:
     task_ids: tuple[int, ...] | None
 
 
-def _positive_id(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < _MAX_ID
+_Action = Annotated[str, msgspec.Meta(min_length=1)]
+_Id = Annotated[int, msgspec.Meta(ge=1, le=_MAX_ID)]  # msgspec never takes a bool for an int
 
 
-def parse_event(payload: object) -> WebhookEvent:
-    """Validate a decoded webhook body. Only ``TASKS_CREATED`` is looked into further.
+class _Envelope(msgspec.Struct):
+    """What the body of every action must hold."""
 
-    Messages name the offending field but never echo its value.
-    """
-    if not isinstance(payload, dict):
-        raise BadWebhook("body must be a JSON object")
-    action = payload.get("action")
-    if not isinstance(action, str) or not action:
-        raise BadWebhook("action must be a non-empty string")
-    if action != TASKS_CREATED:
-        return WebhookEvent(action=action, project=None, task_ids=None)
-
-    project: int | None = None
-    if "project" in payload:
-        raw_project = payload["project"]
-        if not isinstance(raw_project, dict):
-            raise BadWebhook("project must be an object")
-        project_id = raw_project.get("id")
-        if not _positive_id(project_id):
-            raise BadWebhook("project.id must be a positive integer")
-        assert isinstance(project_id, int)
-        project = project_id
-
-    task_ids: tuple[int, ...] | None = None
-    if "tasks" in payload:
-        tasks = payload["tasks"]
-        if not isinstance(tasks, list):
-            raise BadWebhook("tasks must be a list")
-        ids: list[int] = []
-        for index, task in enumerate(tasks):
-            if not isinstance(task, dict):
-                raise BadWebhook(f"tasks[{index}] must be an object")
-            task_id = task.get("id")
-            if not _positive_id(task_id):
-                raise BadWebhook(f"tasks[{index}].id must be a positive integer")
-            assert isinstance(task_id, int)
-            ids.append(task_id)
-        if project is None:
-            raise BadWebhook("tasks came without project.id")
-        task_ids = tuple(ids)
-    return WebhookEvent(action=action, project=project, task_ids=task_ids)
+    action: _Action
 
 
-_Id = Annotated[int, msgspec.Meta(ge=1, le=_MAX_ID - 1)]
-
-
-class _FastTask(msgspec.Struct):
+class _Task(msgspec.Struct):
     id: _Id
 
 
-class _FastProject(msgspec.Struct):
+class _Project(msgspec.Struct):
     id: _Id
 
 
-class _FastBody(msgspec.Struct):
-    """The fields we use, typed: msgspec skips everything else without building objects."""
+class _Body(_Envelope):
+    """The schema: the fields we use, typed; msgspec skips everything else without building
+    objects. Only a ``TASKS_CREATED`` body is held to ``project`` and ``tasks``, judged in
+    this order. UNSET, not None: an explicit null is refused."""
 
-    action: Annotated[str, msgspec.Meta(min_length=1)]
-    # UNSET, not None: an explicit null must take the slow path and its error message.
-    project: _FastProject | msgspec.UnsetType = msgspec.UNSET
-    tasks: list[_FastTask] | msgspec.UnsetType = msgspec.UNSET
+    project: _Project | msgspec.UnsetType = msgspec.UNSET
+    tasks: list[_Task] | msgspec.UnsetType = msgspec.UNSET
 
 
-_FAST_DECODER: Final = msgspec.json.Decoder(_FastBody)
+# What each place of the schema must be, by its path with list indices written "[]". The
+# client is told the place, never the value found there.
+_MUST_BE: Final = {
+    "": "a JSON object",
+    "action": "a non-empty string",
+    "project": "an object",
+    "project.id": "a positive integer",
+    "tasks": "a list",
+    "tasks[]": "an object",
+    "tasks[].id": "a positive integer",
+}
+# msgspec's ValidationError says "<what> - at `$.tasks[3].id`" (no "at" for the body
+# itself), and names a missing field as "Object missing required field `id`".
+_AT: Final = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+_MISSING: Final = re.compile(r"^Object missing required field `(?P<field>\w+)`")
+_INDEX: Final = re.compile(r"\[\d+\]")
+_DECODER: Final = msgspec.json.Decoder(_Body)
+
+_Struct = TypeVar("_Struct", bound=msgspec.Struct)
 
 
 def decode_event(body: bytes) -> WebhookEvent:
     """Bytes -> :class:`WebhookEvent`; raises :class:`BadWebhook`.
 
-    A well-formed TASKS_CREATED body is decoded by msgspec into just the ids (~10x faster
-    than ``json.loads`` for a 5000-task body: the handler's biggest cost); any body msgspec
-    refuses, and every other action, goes through ``json.loads`` and :func:`parse_event`, so
-    what is accepted and every error message stay as they were.
+    A body that fits the schema is decoded by msgspec straight into the ids (~10x faster than
+    ``json.loads`` for a 5000-task body: the handler's biggest cost), every action's body in
+    one pass. A body msgspec refuses is read again by ``json.loads`` (Python's json, which
+    Label Studio writes with: NaN and lone surrogates in task data pass, as they always did),
+    and the same schema is applied to what it read, to name the first place that does not fit.
     """
     try:
-        fast = _FAST_DECODER.decode(body)
-    except msgspec.DecodeError:  # ValidationError included
-        fast = None
-    if fast is not None and fast.action == TASKS_CREATED and fast.project is not msgspec.UNSET:
-        tasks = None if fast.tasks is msgspec.UNSET else tuple(task.id for task in fast.tasks)
-        return WebhookEvent(action=fast.action, project=fast.project.id, task_ids=tasks)
-    return _decode_slow(body)
+        decoded = _DECODER.decode(body)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError included
+        decoded = _judge(_load(body))
+    return _event(decoded)
 
 
-def _decode_slow(body: bytes) -> WebhookEvent:
+def _load(body: bytes) -> object:
     try:
-        payload = json.loads(body)
+        return json.loads(body)
     except RecursionError:
         raise BadWebhook("body is nested too deeply") from None
     except ValueError:  # JSONDecodeError and UnicodeDecodeError
         # ``from None``: the decoder's message quotes the document.
         raise BadWebhook("body is not valid JSON") from None
-    return parse_event(payload)
 
 
-class _TooLarge(Exception):
-    pass
+def _judge(payload: object) -> _Body:
+    """The schema applied to a decoded body: the action first, then (for ``TASKS_CREATED``
+    only) the schema's fields in its order, whatever order the body wrote them in."""
+    action = _fit(payload, _Envelope).action
+    if action != TASKS_CREATED:
+        return _Body(action=action)
+    assert isinstance(payload, dict)  # _Envelope took it
+    fields = {name: payload[name] for name in _Body.__struct_fields__ if name in payload}
+    return _fit(fields, _Body)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-def create_app(
-    settings: WebhookSettings,
-    queue: JobQueue,
-    hooks: ServiceHooks,
-    metrics: Metrics,
-    *,
-    lifespan: Lifespan[Starlette] | None = None,
-) -> Starlette:
-    """The ASGI app. Raises ConfigError for settings that would leave the webhook open."""
-    settings.check()
-    secret = settings.secret.encode("utf-8") if settings.secret else None
-    # Per app, not per module: one app per process in production, a fresh one per test.
-    unconfigured_seen: set[int] = set()
-
-    def authorized(request: Request) -> str | None:
-        """None if the request may pass, else why not (for the log, not the client)."""
-        if secret is None:
-            return None
-        provided = request.headers.get(SECRET_HEADER)
-        if provided is None:
-            return f"no {SECRET_HEADER} header"
-        # Headers arrive as latin-1 decoded bytes: compare the raw bytes, so a non-ASCII
-        # secret works and compare_digest never sees non-ASCII str.
-        if not hmac.compare_digest(provided.encode("latin-1"), secret):
-            return f"wrong {SECRET_HEADER}"
-        return None
-
-    async def read_body(request: Request) -> bytes:
-        limit = settings.max_body_bytes
-        chunks: list[bytes] = []
-        size = 0
-        async with aclosing(request.stream()) as stream:
-            async for chunk in stream:
-                size += len(chunk)
-                if size > limit:
-                    raise _TooLarge
-                chunks.append(chunk)
-        return b"".join(chunks)
-
-    def ignore_project(project: int) -> bool:
-        if project in settings.projects:
-            return False
-        if project not in unconfigured_seen and len(unconfigured_seen) < _MAX_REMEMBERED_PROJECTS:
-            unconfigured_seen.add(project)
-            log.warning(
-                "webhook for project %d, which is not in the config's projects: ignored "
-                "(logged once per project)",
-                project,
-            )
-        return True
-
-    async def webhook(request: Request) -> Response:
-        client = request.client.host if request.client else "?"
-        refused = authorized(request)
-        if refused is not None:
-            log.warning("webhook from %s refused: %s", client, refused)
-            metrics.webhook("unauthorized")
-            return _error(401, f"missing or wrong {SECRET_HEADER} header")
-
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not (declared.isascii() and declared.isdigit()):
-                metrics.webhook("bad_request")
-                return _error(400, "invalid Content-Length")
-            if int(declared) > settings.max_body_bytes:
-                log.warning(
-                    "webhook from %s refused: Content-Length %s too large", client, declared
-                )
-                metrics.webhook("too_large")
-                return _error(413, f"body larger than {settings.max_body_bytes} bytes")
+def _fit(value: object, schema: type[_Struct]) -> _Struct:
+    try:
         try:
-            body = await read_body(request)
-        except _TooLarge:
-            log.warning(
-                "webhook from %s refused: body over %d bytes", client, settings.max_body_bytes
-            )
-            metrics.webhook("too_large")
-            return _error(413, f"body larger than {settings.max_body_bytes} bytes")
-        except ClientDisconnect:
-            log.warning("webhook from %s: client went away before the body was read", client)
-            metrics.webhook("bad_request")
-            return _error(400, "client disconnected")
+            return msgspec.convert(value, schema)
+        except UnicodeEncodeError:
+            return msgspec.convert(_without_surrogates(value), schema)
+    except msgspec.ValidationError as exc:
+        raise BadWebhook(_message(str(exc))) from None
 
+
+def _without_surrogates(value: object) -> object:
+    """``value`` with each lone surrogate (json.loads reads "\\ud800") as "?": msgspec cannot
+    look at such a str where the schema wants another type, or as a key. No answer changes:
+    a str stays a str, and a non-empty one non-empty."""
+    return json.loads(json.dumps(value, ensure_ascii=False).encode("utf-8", "replace"))
+
+
+def _message(error: str) -> str:
+    """msgspec's error -> the client's message: the place in the body and what it must be."""
+    at = _AT.search(error)
+    path = at["path"] if at else ""
+    missing = _MISSING.match(error)
+    if missing:
+        path = f"{path}.{missing['field']}" if path else missing["field"]
+    must_be = _MUST_BE.get(_INDEX.sub("[]", path))
+    if must_be is None:  # not a place of the schema: say nothing more specific
+        return "body does not fit the webhook schema"
+    return f"{path or 'body'} must be {must_be}"
+
+
+def _event(body: _Body) -> WebhookEvent:
+    if body.action != TASKS_CREATED:
+        return WebhookEvent(action=body.action, project=None, task_ids=None)
+    project = None if isinstance(body.project, msgspec.UnsetType) else body.project.id
+    if isinstance(body.tasks, msgspec.UnsetType):
+        return WebhookEvent(action=body.action, project=project, task_ids=None)
+    if project is None:
+        raise BadWebhook("tasks came without project.id")
+    ids = tuple(task.id for task in body.tasks)
+    return WebhookEvent(action=body.action, project=project, task_ids=ids)
+
+
+# --------------------------------------------------------------------------- the handler
+
+
+class WebhookIntake:
+    """The :class:`~service.intake.base.Intake` of Label Studio's webhook: ``POST /webhook``.
+
+    Raises ConfigError for settings that would leave the webhook open.
+    """
+
+    def __init__(
+        self, settings: WebhookSettings, queue: JobQueue, hooks: IntakeHooks, metrics: Metrics
+    ) -> None:
+        self.settings = settings.check()
+        self._secret = settings.secret.encode("utf-8") if settings.secret else None
+        self._queue = queue
+        self._hooks = hooks
+        self._metrics = metrics
+        # Per intake, not per module: one app per process in production, a fresh one per test.
+        self._unconfigured_seen: set[int] = set()
+
+    def routes(self) -> Sequence[BaseRoute]:
+        return [Route("/webhook", self.handle, methods=["POST"])]
+
+    async def handle(self, request: Request) -> Response:
+        """``POST /webhook``: the body's task ids are durable in the queue before we answer."""
+        client = request.client.host if request.client else "?"
+        refused = self._refuse_early(request, client)
+        if refused is not None:
+            return refused
+        body = await self._read_body(request, client)
+        if isinstance(body, Response):
+            return body
         try:
             if len(body) > PARSE_IN_THREAD_BYTES:
                 event = await asyncio.to_thread(decode_event, body)
@@ -333,78 +276,118 @@ def create_app(
                 event = decode_event(body)
         except BadWebhook as exc:
             log.warning("webhook from %s: bad request: %s", client, exc)
-            metrics.webhook("bad_request")
-            return _error(400, str(exc))
+            return self._refusal("bad_request", 400, str(exc))
+        return await self._answer(event)
 
+    def _refusal(self, outcome: str, status: int, message: str) -> Response:
+        self._metrics.webhook(outcome)
+        return JSONResponse({"error": message}, status_code=status)
+
+    def _too_large(self) -> Response:
+        return self._refusal(
+            "too_large", 413, f"body larger than {self.settings.max_body_bytes} bytes"
+        )
+
+    def _unauthorized(self, request: Request) -> str | None:
+        """None if the request may pass, else why not (for the log, not the client)."""
+        if self._secret is None:
+            return None
+        provided = request.headers.get(SECRET_HEADER)
+        if provided is None:
+            return f"no {SECRET_HEADER} header"
+        # Headers arrive as latin-1 decoded bytes: compare the raw bytes, so a non-ASCII
+        # secret works and compare_digest never sees non-ASCII str.
+        if not hmac.compare_digest(provided.encode("latin-1"), self._secret):
+            return f"wrong {SECRET_HEADER}"
+        return None
+
+    def _refuse_early(self, request: Request, client: str) -> Response | None:
+        """The answer to a request refused on its headers alone, before its body is read."""
+        refused = self._unauthorized(request)
+        if refused is not None:
+            log.warning("webhook from %s refused: %s", client, refused)
+            return self._refusal("unauthorized", 401, f"missing or wrong {SECRET_HEADER} header")
+        declared = request.headers.get("content-length")
+        if declared is None:
+            return None
+        if not (declared.isascii() and declared.isdigit()):
+            return self._refusal("bad_request", 400, "invalid Content-Length")
+        if int(declared) > self.settings.max_body_bytes:
+            log.warning("webhook from %s refused: Content-Length %s too large", client, declared)
+            return self._too_large()
+        return None
+
+    async def _read_body(self, request: Request, client: str) -> bytes | Response:
+        """The body, or the answer when it grows over the limit or the client goes away."""
+        limit = self.settings.max_body_bytes
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with aclosing(request.stream()) as stream:
+                async for chunk in stream:
+                    size += len(chunk)
+                    if size > limit:
+                        log.warning("webhook from %s refused: body over %d bytes", client, limit)
+                        return self._too_large()
+                    chunks.append(chunk)
+        except ClientDisconnect:
+            log.warning("webhook from %s: client went away before the body was read", client)
+            return self._refusal("bad_request", 400, "client disconnected")
+        return b"".join(chunks)
+
+    async def _answer(self, event: WebhookEvent) -> Response:
         if event.action != TASKS_CREATED:
             log.debug("webhook action %s ignored", event.action)
-            metrics.webhook("ignored")
+            self._metrics.webhook("ignored")
             return JSONResponse({"ignored": event.action})
-        if event.project is not None and ignore_project(event.project):
-            metrics.webhook("ignored")
+        if event.project is not None and self._ignore_project(event.project):
+            self._metrics.webhook("ignored")
             return JSONResponse({"ignored": event.action, "reason": "project not configured"})
-
         if event.task_ids is None:
-            # send_payload: false: we are told something was created, not what.
-            log.info(
-                "TASKS_CREATED without tasks: reconcile %s",
-                "all projects" if event.project is None else f"project {event.project}",
-            )
-            hooks.request_reconcile(event.project)
-            metrics.webhook("reconcile")
-            return JSONResponse(
-                {"reconcile": "all" if event.project is None else event.project}, status_code=202
-            )
+            return self._reconcile(event.project)
+        assert event.project is not None  # decode_event guarantees it when tasks are given
+        return await self._accept(event.project, event.task_ids)
 
-        assert event.project is not None  # parse_event guarantees it when tasks are given
-        ids = event.task_ids
+    def _ignore_project(self, project: int) -> bool:
+        if project in self.settings.projects:
+            return False
+        seen = self._unconfigured_seen
+        if project not in seen and len(seen) < _MAX_REMEMBERED_PROJECTS:
+            seen.add(project)
+            log.warning(
+                "webhook for project %d, which is not in the config's projects: ignored "
+                "(logged once per project)",
+                project,
+            )
+        return True
+
+    def _reconcile(self, project: int | None) -> Response:
+        # send_payload: false: we are told something was created, not what.
+        log.info(
+            "TASKS_CREATED without tasks: reconcile %s",
+            "all projects" if project is None else f"project {project}",
+        )
+        self._hooks.request_reconcile(project)
+        self._metrics.webhook("reconcile")
+        return JSONResponse({"reconcile": "all" if project is None else project}, status_code=202)
+
+    async def _accept(self, project: int, ids: tuple[int, ...]) -> Response:
         try:
             # Durable before we answer: Label Studio will never send this event again.
             accepted = await asyncio.to_thread(
-                queue.accept, event.project, ids, settings.model_version
+                self._queue.accept, project, ids, self.settings.model_version
             )
         except (RetryableError, ConfigError) as exc:
             log.error(
-                "project %d: cannot queue %d task(s) from a webhook: %s",
-                event.project,
-                len(ids),
-                exc,
+                "project %d: cannot queue %d task(s) from a webhook: %s", project, len(ids), exc
             )
-            metrics.webhook("error")
-            return _error(503, "job queue unavailable")
-        metrics.webhook("queued")
-        metrics.task_ids_accepted(accepted)
+            return self._refusal("error", 503, "job queue unavailable")
+        self._metrics.webhook("queued")
+        self._metrics.task_ids_accepted(accepted)
         if accepted:
             try:
-                hooks.wake()
+                self._hooks.wake()
             except Exception:
                 # The jobs are durable; the worker finds them on its next poll.
-                log.exception("project %d: waking the worker failed", event.project)
+                log.exception("project %d: waking the worker failed", project)
         return JSONResponse({"queued": accepted})
-
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "alive"})
-
-    async def ready(request: Request) -> Response:
-        try:
-            state = await hooks.readiness()
-        except Exception as exc:
-            log.exception("readiness check failed")
-            state = Readiness(False, {"readiness": f"check failed: {type(exc).__name__}"})
-        body: dict[str, Any] = {"ready": state.ready, "checks": dict(state.checks)}
-        return JSONResponse(body, status_code=200 if state.ready else 503)
-
-    async def metrics_endpoint(request: Request) -> Response:
-        # The job gauge queries SQLite, which may wait on a lock: keep it off the loop.
-        text = await asyncio.to_thread(generate_latest, metrics.registry)
-        return Response(text, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    return Starlette(
-        routes=[
-            Route("/webhook", webhook, methods=["POST"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/ready", ready, methods=["GET"]),
-            Route("/metrics", metrics_endpoint, methods=["GET"]),
-        ],
-        lifespan=lifespan,
-    )
