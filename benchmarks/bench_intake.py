@@ -7,8 +7,8 @@ Run from the repository root (no Label Studio needed; about a minute with the de
 What runs: the service's real web app (``service.app.create_app`` with its
 ``WebhookIntake``) and its real job queue
 (``SQLiteJobQueue`` from ``service.server.open_queue``: WAL, ``synchronous=FULL``) in a
-temporary ``state_dir``, built from a config file written the way an operator writes one
-(``config.yaml`` of this repository with the project, server and state_dir replaced) and served
+temporary ``state_dir``, built from a config file (``config.yaml`` of this repository with
+the project, server and state_dir replaced, written by ``service.config.write_config``), served
 by uvicorn in a subprocess on 127.0.0.1 with the same uvicorn settings as ``ls-autoseg serve``
 (``service.server.make_server``) and the CLI's INFO logging (to a file). The only stand-in is
 the service side of the app: its ``wake()`` expands the queue's inbox into jobs in a thread
@@ -30,7 +30,8 @@ rows/s, the p50 of the first and of the last tenth of the bodies (does enqueue s
 the table grows?), then the durability check: the server is killed with SIGKILL (no graceful
 shutdown, so only what was committed survives), the SQLite file is opened afresh, what was
 still in the inbox is expanded (as the restarted service's first claim does), and it must hold
-exactly one queued job per task id sent; every answer must have said ``queued: --tasks``.
+exactly one queued job per task id sent (read through the queue's API: ``span``, ``counts``);
+every answer must have said ``queued: --tasks``.
 The last line is the ratio p99 / 250 ms target (below 1.00 meets the target; lower is better).
 Exit code 0 when the target is met and the durability check passes, 1 otherwise.
 
@@ -324,8 +325,8 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="bench-intake-"))
     port = free_port()
     # the Label Studio URL is never called: no worker runs
-    config, _ = service_config(folder, "http://127.0.0.1:9", PROJECT, port)
-    state_dir = folder / "state"
+    config_path, config = service_config(folder, "http://127.0.0.1:9", PROJECT, port)
+    state_dir = config.state_dir
     state_dir.mkdir()
     print(
         machine_line(
@@ -350,7 +351,7 @@ def main() -> int:
     log = folder / "server.log"
     env = {**os.environ, "LS_AUTOSEG_WEBHOOK_SECRET": SECRET, "LABEL_STUDIO_TOKEN": "unused"}
     server = ServiceProcess(
-        config, port, log, env, command=[sys.executable, __file__, "--serve", str(config)]
+        config_path, port, log, env, command=[sys.executable, __file__, "--serve", str(config_path)]
     )
     url = server.url
     try:
@@ -394,34 +395,29 @@ def main() -> int:
         for i, _, status, text in answers
         if status == 200 and json.loads(text) != {"queued": args.tasks}
     ]
-    with sqlite3.connect(state_dir / "jobs.sqlite3") as conn:
-        (in_inbox,) = conn.execute(
-            "SELECT COALESCE(SUM(json_array_length(task_ids)), 0) FROM inbox"
-        ).fetchone()
-    conn.close()
-    # What the restarted service does first (its first claim expands the inbox).
-    from service.queue import SQLiteJobQueue
+    # What the restarted service does first: open the file afresh, and its first claim
+    # expands the inbox (SQLite's own fast path for webhooks, not part of JobQueue).
+    from service.queue import JobState, SQLiteJobQueue
+    from service.server import open_queue
 
-    with SQLiteJobQueue(state_dir / "jobs.sqlite3") as reopened:
+    with open_queue(config) as reopened:
+        assert isinstance(reopened, SQLiteJobQueue)
+        in_inbox = reopened.span().accepted
         reopened.expand()
-    with sqlite3.connect(state_dir / "jobs.sqlite3") as conn:
-        rows, distinct, queued, low, high = conn.execute(
-            "SELECT COUNT(*), COUNT(DISTINCT task), SUM(state = 'queued'), MIN(task), MAX(task)"
-            " FROM jobs WHERE project = ?",
-            (PROJECT,),
-        ).fetchone()
-    conn.close()
+        span, queued = reopened.span(), reopened.counts()[JobState.QUEUED]
     expected = total * args.tasks
+    # A job's key is (project, task, model_version): one project and version here, so
+    # ``expected`` jobs with ids from 1 to ``expected`` are each task id exactly once.
     durable = (
         not bad
         and not wrong
-        and rows == distinct == queued == expected
-        and (low, high) == (1, expected)
+        and span.jobs == queued == expected
+        and (span.first_task, span.last_task) == (1, expected)
     )
     print(
         f"durability (server SIGKILLed with {in_inbox:,} ids not yet expanded, SQLite file "
-        f"reopened and its inbox expanded): {rows:,} jobs, {distinct:,} "
-        f"distinct tasks, {queued:,} queued, ids {low}..{high}; expected {expected:,}: "
+        f"reopened and its inbox expanded): {span.jobs:,} jobs (one per task id), "
+        f"{queued:,} queued, ids {span.first_task}..{span.last_task}; expected {expected:,}: "
         f"{'OK' if durable else 'MISMATCH'}; non-200 answers {len(bad)}, answers not "
         f"'queued: {args.tasks}' {len(wrong)}",
         flush=True,

@@ -7,27 +7,27 @@ cores, so 5000 tasks take 20-45 min: try a small backlog first):
     .venv/bin/python benchmarks/bench_memory.py --tasks 200
     .venv/bin/python benchmarks/bench_memory.py [--tasks 5000] [--bound-mb 1500]
 
-Setup: a temporary Label Studio 1.23.2 (``service.local.lsserver.start``) with a BrushLabels project
-whose labels are the demo model's (``service.local.quickstart.label_config``). ``--images`` distinct
-synthetic ``--width`` x ``--height`` JPEGs (``service.local.synthetic``) are uploaded once; the rest
-of
-the ``--tasks`` backlog is imported as JSON tasks (in chunks) whose ``data.image`` re-uses those
-``/data/upload/...`` URLs, so the service downloads and decodes a full-size image for every
-task. All of it is imported before the service starts, so it is a true backlog, found by the
-start-up reconcile (no webhook is registered). Then ``python -m service.cli serve --config F``
-runs as a subprocess with the repository's ``config.yaml`` settings (the bundled demo model
-``models/demo_unet.pt``, batch_size, prob_upsample, reconcile interval as configured; only
-the Label Studio URL, project, port and state_dir are this run's).
+Setup: a temporary Label Studio 1.23.2 (``service.local.lsserver.start``) with a BrushLabels
+project whose labels are the demo model's (``service.local.quickstart.label_config``).
+``--images`` distinct synthetic ``--width`` x ``--height`` JPEGs (``service.local.synthetic``)
+are uploaded once; the rest of the ``--tasks`` backlog is imported as JSON tasks (in chunks)
+whose ``data.image`` re-uses those ``/data/upload/...`` URLs, so the service downloads and
+decodes a full-size image for every task. All of it is imported before the service starts, so
+it is a true backlog, found by the start-up reconcile (no webhook is registered). Then
+``python -m service.cli serve --config F`` runs as a subprocess with the repository's
+``config.yaml`` settings (the bundled demo model ``models/demo_unet.pt``, batch_size,
+prob_upsample, reconcile and worker settings as configured; only the Label Studio URL, project,
+port and state_dir are this run's).
 
 Measured: the service process's VmRSS (and the kernel's high-water mark VmHWM) from
-/proc/PID/status every ``--sample-s`` seconds, and progress from the service's SQLite queue
-(jobs done + skipped + failed over the backlog). Printed: the machine (CPU model from
-/proc/cpuinfo, cores this process may use, load average, memory), the setup times, RSS when
-the service is ready (model loaded, before the first job finishes), RSS at 10/25/50/75/100 %
-of the backlog with the peak so far, the peak RSS and VmHWM, the rate (tasks/s from the first
-to the last finished job), the CPU seconds a task of the service and of Label Studio, the
-peak RSS in each tenth of the backlog, the jobs by state (every job must end done), and the
-last line:
+/proc/PID/status every ``--sample-s`` seconds, and progress from the service's job queue, read
+through its API (``counts``: jobs done + skipped + failed over the backlog). Printed: the
+machine (CPU model from /proc/cpuinfo, cores this process may use, load average, memory), the
+setup times, RSS when the service is ready (model loaded, before the first job finishes), RSS
+at 10/25/50/75/100 % of the backlog with the peak so far, the peak RSS and VmHWM, the rate
+(tasks/s from the first to the last finished job), the CPU seconds a task of the service and of
+Label Studio, the peak RSS in each tenth of the backlog, the jobs by state (every job must end
+done), and the last line:
 
     ratio growth = peak RSS while 50-100 % done / peak RSS while 0-10 % done
                    (about 1.00 = not growing with the backlog; above 1.15 counts as growth)
@@ -46,7 +46,6 @@ import asyncio
 import io
 import os
 import platform
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -55,18 +54,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from machine import cpu_seconds, machine_line, service_config
 
+from service.config import load_config
+from service.errors import RetryableError
 from service.labelstudio.client import LabelStudioClient
 from service.local import lsserver
 from service.local.process import ServiceProcess
 from service.local.quickstart import label_config
 from service.local.synthetic import make_sample
+from service.queue import JobQueue
+from service.server import open_queue
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -171,20 +173,16 @@ class Watch:
         return max(values) if values else float("nan")
 
 
-def queue_counts(db: Path) -> dict[str, int]:
-    if not db.exists():
-        return {}
+def queue_counts(queue: JobQueue) -> dict[str, int] | None:
+    """Jobs by state, the states that have any; None while the queue is busy (next sample)."""
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            rows = conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
-        conn.close()
-    except sqlite3.Error:
-        return {}  # not created yet, or busy for 5 s: try again next sample
-    return {str(state): int(count) for state, count in rows}
+        return {str(state): count for state, count in queue.counts().items() if count}
+    except RetryableError:
+        return None
 
 
 def watch(
-    process: subprocess.Popen[bytes], db: Path, total: int, args: argparse.Namespace
+    process: subprocess.Popen[bytes], queue: JobQueue, total: int, args: argparse.Namespace
 ) -> Watch:
     state = Watch(total)
     began = time.monotonic()
@@ -196,7 +194,8 @@ def watch(
         if mem is None or process.poll() is not None:
             print(f"the service exited early ({process.returncode})", flush=True)
             break
-        state.counts = queue_counts(db) or state.counts
+        counts = queue_counts(queue)
+        state.counts = state.counts if counts is None else counts
         done = state.finished()
         if done and state.first_done_s is None:
             state.first_done_s = now
@@ -260,17 +259,16 @@ def main() -> int:
     )
     service: ServiceProcess | None = None
     try:
-        repo_config = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
-        labels = list(repo_config["model"]["labels"])
+        labels = list(load_config(REPO / "config.yaml", environ={}).model.labels)
         project, total = asyncio.run(fill_project(ls.url, ls.legacy_token, labels, args))
         port = lsserver.free_port()
-        config, doc = service_config(folder, ls.url, project, port)
-        model, prediction = doc["model"], doc["prediction"]
-        assert isinstance(model, dict) and isinstance(prediction, dict)
+        config_path, config = service_config(folder, ls.url, project, port)
+        model, reconcile = config.model, config.reconcile
         print(
-            f"service config {config}: model {model['path']} (input_size {model['input_size']},"
-            f" batch_size {model['batch_size']}, threads {model['threads']}), prob_upsample "
-            f"{prediction['prob_upsample']}, reconcile {doc['reconcile']}",
+            f"service config {config_path}: model {model.path} (input_size {model.input_size},"
+            f" batch_size {model.batch_size}, threads {model.threads}), prob_upsample "
+            f"{config.prediction.prob_upsample}, reconcile on_startup {reconcile.on_startup} "
+            f"interval_s {reconcile.interval_s:g}",
             flush=True,
         )
         env = {
@@ -278,7 +276,7 @@ def main() -> int:
             "LABEL_STUDIO_TOKEN": ls.legacy_token,
             "LS_AUTOSEG_WEBHOOK_SECRET": SECRET,
         }
-        service = ServiceProcess(config, port, folder / "service.log", env)
+        service = ServiceProcess(config_path, port, folder / "service.log", env)
         began = time.perf_counter()
         service.start(timeout_s=120)
         assert service.process is not None
@@ -290,7 +288,10 @@ def main() -> int:
             f" VmHWM {ready_mem[1]:.1f} MB",
             flush=True,
         )
-        state = watch(service.process, folder / "state" / "jobs.sqlite3", total, args)
+        # The service's own queue, read beside it (as ``ls-autoseg status`` does).
+        with open_queue(config) as queue:
+            state = watch(service.process, queue, total, args)
+            failures = queue.recent_failures(5)
         final = proc_status_mb(pid)
         cpu_used = (
             cpu_seconds(pid) - cpu_before[0],
@@ -307,13 +308,8 @@ def main() -> int:
     peak = max(rss for _, rss, _, _ in state.samples)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(state.counts.items()))
     print(f"jobs: {counts} (backlog {total})")
-    if state.counts.get("failed"):
-        with sqlite3.connect(folder / "state" / "jobs.sqlite3") as conn:
-            for task, reason in conn.execute(
-                "SELECT task, reason FROM jobs WHERE state = 'failed' LIMIT 5"
-            ):
-                print(f"  failed: task {task}: {reason}")
-        conn.close()
+    for job in failures:
+        print(f"  failed: task {job.task}: {job.reason}")
     done = state.finished()
     if state.first_done_s is not None and state.last_done_s and done > 1:
         span = state.last_done_s - state.first_done_s

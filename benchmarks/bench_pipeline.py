@@ -11,8 +11,9 @@ What it does:
    Meanwhile it draws ``--images`` synthetic images (``service.local.synthetic``, the demo model's
    own data, seeded) at ``--size`` and encodes them as JPEG (quality 90).
 2. Writes a service config from ``--config`` (default: the repository's ``config.yaml``, the
-   bundled demo model): its ``model`` and ``prediction`` sections verbatim, except
-   ``model.device`` (``--device``, default ``cpu``: the target is a CPU target). Both sides
+   bundled demo model) with ``machine.service_config``: its sections verbatim but this run's
+   Label Studio URL, project, server and state_dir, and ``model.device`` (``--device``,
+   default ``cpu``: the target is a CPU target). Both sides
    load that same file, so batch size, thresholds, ``prob_upsample``, ``min_pixels`` and
    torch threads are the same. ``reconcile.on_startup`` is false and its interval an hour:
    the project is empty at start-up, and a webhook that got lost must show as a failure
@@ -74,15 +75,14 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from machine import cpu_model  # noqa: E402
+from machine import cpu_model, service_config  # noqa: E402
 
-from service.config import Config, PredictionConfig, load_config  # noqa: E402
+from service.config import Config, PredictionConfig, ReconcileConfig, load_config  # noqa: E402
 from service.labelstudio.client import LabelStudioClient  # noqa: E402
 from service.local import lsserver  # noqa: E402
 from service.local.process import ServiceProcess  # noqa: E402
@@ -263,34 +263,6 @@ def encode_ms_per_image(
 
 
 # ------------------------------------------------------------------------------ service
-
-
-def write_config(
-    base: Path, work: Path, url: str, project: int, port: int, device: str | None
-) -> Path:
-    """The service's config: ``base``'s model and prediction sections, this run's the rest."""
-    raw = yaml.safe_load(base.read_text(encoding="utf-8")) or {}
-    model = dict(raw.get("model") or {})
-    # Paths in a config are relative to its folder; the new file lives elsewhere.
-    model["path"] = str((base.resolve().parent / str(model["path"])).resolve())
-    if device is not None:
-        model["device"] = device
-    doc = {
-        "label_studio": {"url": url, "token": "${" + TOKEN_ENV + "}"},
-        "model": model,
-        "prediction": raw.get("prediction") or {},
-        "projects": [{"id": project}],
-        "server": {
-            "host": "127.0.0.1",
-            "port": port,
-            "webhook_secret": "${" + SECRET_ENV + "}",
-        },
-        "state_dir": str(work / "state"),
-        "reconcile": {"on_startup": False, "interval_s": 3600},
-    }
-    path = work / "config.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    return path
 
 
 def service_metrics(url: str) -> dict[str, float]:
@@ -528,7 +500,10 @@ def _measure(
     project, target = asyncio.run(make_project())
     port = lsserver.free_port()
     device = None if args.device == "config" else args.device
-    config_path = write_config(args.config, work, ls.url, project, port, device)
+    no_reconcile = ReconcileConfig(on_startup=False, interval_s=3600)
+    config_path, _ = service_config(
+        work, ls.url, project, port, base=args.config, device=device, reconcile=no_reconcile
+    )
     secret = secrets.token_hex(16)
     env = {**os.environ, TOKEN_ENV: ls.legacy_token, SECRET_ENV: secret}
     config: Config = load_config(config_path, environ=env)

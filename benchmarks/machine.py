@@ -8,10 +8,10 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-import yaml
+from service import config as settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,19 +46,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def service_config(folder: Path, url: str, project: int, port: int) -> tuple[Path, dict[str, Any]]:
-    """The repository's config.yaml with this run's Label Studio URL, project, server and
-    state_dir, written to ``folder``; returns its path and content."""
-    doc = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
-    doc["model"]["path"] = str(REPO / doc["model"]["path"])
-    doc["label_studio"]["url"] = url
-    doc["projects"] = [{"id": project}]
-    doc["server"] = {
-        "host": "127.0.0.1",
-        "port": port,
-        "webhook_secret": "${LS_AUTOSEG_WEBHOOK_SECRET}",
-    }
-    doc["state_dir"] = str(folder / "state")
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    return path, doc
+def service_config(
+    folder: Path,
+    url: str,
+    project: int,
+    port: int,
+    *,
+    base: Path = REPO / "config.yaml",
+    device: str | None = None,
+    reconcile: settings.ReconcileConfig | None = None,
+) -> tuple[Path, settings.Config]:
+    """``base`` (the repository's config.yaml unless given) with this run's Label Studio URL,
+    project, server and state_dir, and ``model.device`` and ``reconcile`` where given, written
+    to ``folder`` by the service's own writer. Returns its path and the settings read back
+    (``${...}`` values unset: ``serve`` reads them from its environment)."""
+    given = settings.load_config(base, environ={})
+    secret = settings.MissingEnv("LS_AUTOSEG_WEBHOOK_SECRET")
+    path = settings.write_config(
+        folder / "config.yaml",
+        given.model if device is None else replace(given.model, device=device),
+        prediction=given.prediction,
+        label_studio=replace(given.label_studio, url=url),
+        projects=[settings.ProjectConfig(project)],
+        server=settings.ServerConfig(host="127.0.0.1", port=port, webhook_secret=secret),
+        state_dir=folder / "state",
+        reconcile=reconcile or given.reconcile,
+        worker=given.worker,
+    )
+    return path, settings.load_config(path, environ={})

@@ -9,19 +9,17 @@ import asyncio
 import io
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
-import yaml
-from conftest import model_section
 from ls_fixtures import new_brush_project, tasks_of
 from PIL import Image
 
-from service.config import ModelConfig
+from service import config as settings
 from service.labelstudio import Task
 from service.labelstudio.client import LabelStudioClient
 from service.local import lsserver
@@ -29,6 +27,7 @@ from service.local.process import ServiceProcess
 from service.results import decode_result
 
 MakeClient = Callable[..., LabelStudioClient]
+Section = TypeVar("Section")  # one of the config dataclasses
 SECRET = "test-webhook-secret-4f1c"
 
 
@@ -126,39 +125,43 @@ def make_env(
     tmp_path: Path,
     local_ls: lsserver.LocalLabelStudio,
     ls_client: MakeClient,
-    model: ModelConfig,
+    model: settings.ModelConfig,
     *,
     via: str | None = None,
-    **sections: Any,
+    **sections: Mapping[str, Any],
 ) -> ServiceEnv:
     """A fresh project, a config for ``serve`` (Label Studio at ``via`` if given, e.g. a fault
-    proxy; ``sections`` are merged into the config's sections) and the webhook registered."""
+    proxy; ``sections`` replace fields of the config's sections, e.g.
+    ``server={"max_body_bytes": 1000}``) and the webhook registered."""
 
     async def make_project() -> int:
         async with ls_client() as ls:
             return (await new_brush_project(ls)).id
 
+    def section(name: str, value: Section) -> Section:
+        return replace(value, **sections.pop(name, {}))
+
     project = asyncio.run(make_project())
     port = lsserver.free_port()
-    config = tmp_path / "config.yaml"
-    settings: dict[str, Any] = {
-        "label_studio": {"url": via or local_ls.url, "token": "${LABEL_STUDIO_TOKEN}"},
-        "model": model_section(model, labels=["red", "green"], batch_size=4),
-        "prediction": {"model_version": "svc-v1", "min_pixels": 0},
-        "projects": [{"id": project, "label_map": {"red": "label_a", "green": "label_b"}}],
-        "server": {
-            "host": "127.0.0.1",
-            "port": port,
-            "webhook_secret": "${LS_AUTOSEG_WEBHOOK_SECRET}",
-        },
-        "state_dir": str(tmp_path / "state"),
-        "reconcile": {"on_startup": True, "interval_s": 3600},
-    }
-    for key, value in sections.items():
-        current = settings.get(key)
-        merge = isinstance(current, dict) and isinstance(value, dict)
-        settings[key] = {**current, **value} if merge else value  # type: ignore[dict-item]
-    config.write_text(yaml.safe_dump(settings))
+    token = settings.MissingEnv("LABEL_STUDIO_TOKEN")
+    secret = settings.MissingEnv("LS_AUTOSEG_WEBHOOK_SECRET")
+    label_map = {"red": "label_a", "green": "label_b"}
+    prediction = settings.PredictionConfig(model_version="svc-v1", min_pixels=0)
+    reconcile = settings.ReconcileConfig(on_startup=True, interval_s=3600)
+    config = settings.write_config(
+        tmp_path / "config.yaml",
+        section("model", replace(model, labels=("red", "green"), batch_size=4)),
+        prediction=section("prediction", prediction),
+        label_studio=section(
+            "label_studio", settings.LabelStudioConfig(via or local_ls.url, token)
+        ),
+        projects=[settings.ProjectConfig(project, label_map=label_map)],
+        server=section("server", settings.ServerConfig(port=port, webhook_secret=secret)),
+        state_dir=tmp_path / "state",
+        reconcile=section("reconcile", reconcile),
+        worker=section("worker", settings.WorkerConfig()),
+    )
+    assert not sections, f"not config sections: {sorted(sections)}"
     service = HarnessService(config, port, tmp_path / "service.log", local_ls.legacy_token)
     # Register the webhook the way an operator does.
     done = service.cli("hook", "--url", f"{service.url}/webhook")
