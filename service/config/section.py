@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 T = TypeVar("T", bound="DataclassInstance")
+S = TypeVar("S", bound="DataclassInstance")
 
 _SECRET = frozenset({str, MissingEnv, type(None)})
 _OPTIONAL_STR = frozenset({str, type(None)})
@@ -77,7 +78,7 @@ class Section(Generic[T]):
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: {self.where}.{key} {message}")
 
-    def section(self, key: str, schema: type[DataclassInstance]) -> Section[Any]:
+    def section(self, key: str, schema: type[S]) -> Section[S]:
         return Section(self.raw.get(key), key, self.source, schema)
 
     def build(
