@@ -32,9 +32,9 @@ from service_harness import (
 )
 
 from service.config import ModelConfig
+from service.intake.reconcile import untouched_query
 from service.labelstudio import PredictionIn
 from service.local import lsserver
-from service.server import untouched_query
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 
@@ -225,8 +225,8 @@ def test_reconcile_pages_by_id_while_tasks_leave_the_filter(
     over tasks never seen (found by the memory benchmark: 100 of 5000 missed)."""
     from ls_fixtures import new_brush_project
 
+    from service.intake.reconcile import reconcile
     from service.queue import SQLiteJobQueue
-    from service.server import reconcile
 
     class FastWorkerQueue(SQLiteJobQueue):
         """Predicts every task the moment it is queued, as a fast worker would."""

@@ -12,9 +12,10 @@ from tqdm import tqdm
 from service.config import Config
 from service.constants import QUEUE_FILE, SECRET_HEADER, TASKS_CREATED
 from service.errors import ConfigError, LabelStudioError
+from service.intake.reconcile import reconcile
 from service.model import SegmentationModel
 from service.queue import JobState
-from service.server import check_projects, make_client, open_queue, reconcile
+from service.server import check_projects, make_client, open_queue
 from service.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,6 @@
-"""Intake: turns a Label Studio call into durable work in the queue (the webhook today)."""
+"""Intake: how work enters the queue. ``webhook`` turns Label Studio's TASKS_CREATED call into
+queued task ids (an :class:`Intake`: routes the app mounts; Label Studio's model protocol is
+the next); ``reconcile`` sweeps a project for tasks a lost webhook left behind."""
 
 from __future__ import annotations
 

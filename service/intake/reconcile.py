@@ -1,0 +1,75 @@
+"""Reconcile: the intake that needs no webhook. It asks Label Studio for the tasks of a project
+that no person touched and this model_version did not predict, and queues them.
+
+Label Studio sends each webhook once, so a webhook lost while the service was down, refused
+(503) or sent ``send_payload: false`` leaves tasks behind; reconcile finds them. The service
+runs it at start-up and every ``reconcile.interval_s``; ``backfill`` runs it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from service.labelstudio.client import LabelStudioClient
+from service.queue import JobQueue
+
+log = logging.getLogger(__name__)
+
+ENQUEUE_CHUNK = 1000  # tasks per page read, and per enqueue
+
+
+def untouched_query(model_version: str, after_id: int = 0) -> dict[str, Any]:
+    """Data Manager query: tasks with an id over ``after_id``, in id order, that nobody
+    annotated or skipped and without a prediction of ``model_version`` (what a missed webhook
+    leaves behind); predictions of other versions do not count. Label Studio compares
+    versions as substrings: a task whose only predictions are of "v1-old" is taken as
+    predicted by "v1" and not reconciled (the worker's own check is exact, so this can miss
+    a task, never duplicate one)."""
+    items: list[dict[str, Any]] = [
+        {"filter": f"filter:tasks:{column}", "operator": "equal", "type": "Number", "value": 0}
+        for column in ("total_annotations", "cancelled_annotations")
+    ]
+    items.append(
+        {
+            "filter": "filter:tasks:predictions_model_versions",
+            "operator": "not_contains",
+            "type": "List",
+            "value": [model_version],
+        }
+    )
+    items.append(
+        {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": after_id}
+    )
+    return {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]}
+
+
+async def reconcile(
+    client: LabelStudioClient,
+    queue: JobQueue,
+    project: int,
+    model_version: str,
+    *,
+    page_size: int = ENQUEUE_CHUNK,
+) -> int:
+    """Queue every task of the project that no person touched and this model_version did
+    not predict; returns how many were new to the queue.
+
+    Pages by id (always the first page of "id > the last one seen"), not by page number:
+    the worker predicts queued tasks meanwhile, they leave the filter, and numbered pages
+    would shift over tasks never seen."""
+    new, after = 0, 0
+    while True:
+        tasks, _ = await client.task_page(
+            project, page_size=page_size, query=untouched_query(model_version, after)
+        )
+        if not tasks:
+            break
+        ids = [task.id for task in tasks]
+        new += await asyncio.to_thread(queue.enqueue, project, ids, model_version)
+        after = max(ids)
+        if len(ids) < page_size:
+            break
+    log.info("project %s: reconcile queued %d new job(s)", project, new)
+    return new
