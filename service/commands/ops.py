@@ -13,6 +13,7 @@ from service.config import Config
 from service.constants import QUEUE_FILE, SECRET_HEADER, TASKS_CREATED
 from service.errors import ConfigError, LabelStudioError
 from service.intake.reconcile import reconcile
+from service.labelstudio.types import WEBHOOK_SSRF_HELP
 from service.model import SegmentationModel
 from service.queue import JobState
 from service.server import check_projects, make_client, open_queue
@@ -23,13 +24,6 @@ log = logging.getLogger(__name__)
 # backfill is a one-off command: an outage this long ends it (the queue keeps the jobs).
 BACKFILL_OUTAGE_LIMIT_S = 300.0
 ACTIONS = (TASKS_CREATED,)
-
-SSRF_HELP = (
-    "Label Studio refused the webhook URL with 403: since 1.23.1 its SSRF protection blocks "
-    "webhooks to loopback and private addresses (localhost, 127.x, 10.x, 172.16-31.x, "
-    "192.168.x, docker service names). Start Label Studio with SSRF_PROTECTION_ENABLED=false "
-    "(or USE_DEFAULT_BANNED_SUBNETS=false), or give a URL Label Studio may call."
-)
 
 
 async def register_hooks(config: Config, url: str, out: TextIO) -> None:
@@ -52,7 +46,7 @@ async def register_hooks(config: Config, url: str, out: TextIO) -> None:
                     print(f"project {project.id}: webhook {hook.id} created -> {url}", file=out)
             except LabelStudioError as exc:
                 if exc.status_code == 403:
-                    raise ConfigError(f"project {project.id}: {SSRF_HELP}") from exc
+                    raise ConfigError(f"project {project.id}: {WEBHOOK_SSRF_HELP}") from exc
                 raise
 
 

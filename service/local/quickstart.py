@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TextIO
 from xml.sax.saxutils import quoteattr
 
-from service.commands.ops import SSRF_HELP
 from service.config import (
     Config,
     LabelStudioConfig,
@@ -34,6 +33,7 @@ from service.config import (
 from service.constants import SECRET_HEADER, TASKS_CREATED
 from service.errors import AutosegError
 from service.labelstudio.client import LabelStudioClient
+from service.labelstudio.types import WEBHOOK_SSRF_HELP
 from service.local import lsserver
 from service.model.images import list_images
 from service.server import Service, make_server
@@ -179,7 +179,7 @@ async def _hook(client: LabelStudioClient, project: int, url: str, secret: str) 
         await client.create_webhook(project, url, {SECRET_HEADER: secret}, [TASKS_CREATED])
     except AutosegError as exc:
         if getattr(exc, "status_code", None) == 403:
-            raise AutosegError(SSRF_HELP) from exc
+            raise AutosegError(WEBHOOK_SSRF_HELP) from exc
         raise
 
 
