@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.config import Config, ModelConfig, PredictionConfig, load_config, section_document
+from service.config import Config, ModelConfig, PredictionConfig, load_config
 
 # Real-Label-Studio fixtures live in their own module (tests/ls_fixtures.py).
 pytest_plugins = ("ls_fixtures",)
@@ -56,12 +56,6 @@ def colour_model(tmp_path: Path) -> Callable[..., ModelConfig]:
         return dataclasses.replace(config, **overrides)  # type: ignore[arg-type]
 
     return make
-
-
-def model_section(model: ModelConfig, **extra: object) -> dict[str, object]:
-    """The ``model:`` section of a config file for ``model``, every field written, with
-    ``extra`` keys replacing or adding to it (tests write config files)."""
-    return {**section_document(model), **extra}
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ file it came from.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 from collections.abc import Callable
@@ -16,15 +17,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
-from conftest import model_section
 from ls_fixtures import new_brush_project, tasks_of
 from PIL import Image
 
 from service.cli import main
 from service.commands.naming import image_file_name
 from service.commands.upload import read_mask
-from service.config import ModelConfig
+from service.config import ModelConfig, PredictionConfig, ProjectConfig, write_config
 from service.labelstudio.client import LabelStudioClient
 from service.local import lsserver
 from service.results import decode_result
@@ -87,14 +86,10 @@ def setup(
 
     project = asyncio.run(prepare())
     model = colour_model(channels=2)
-    config = tmp_path / "predict.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "model": model_section(model, labels=["red", "green"]),
-                "prediction": {"min_pixels": 0},
-            }
-        )
+    config = write_config(
+        tmp_path / "predict.yaml",
+        dataclasses.replace(model, labels=("red", "green")),
+        prediction=PredictionConfig(min_pixels=0),
     )
     out = tmp_path / "pred"
     assert (
@@ -107,19 +102,12 @@ def setup(
 
 
 def label_map_config(setup: Setup) -> Path:
-    path = setup.tmp / "ls.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"path": "unused.pt", "labels": ["red", "green"]},
-                "prediction": {"model_version": "test-v1", "score": 0.7, "min_pixels": 5},
-                "projects": [
-                    {"id": setup.project, "label_map": {"red": "label_a", "green": "label_b"}}
-                ],
-            }
-        )
+    return write_config(
+        setup.tmp / "ls.yaml",
+        ModelConfig(path=Path("unused.pt"), labels=("red", "green")),
+        prediction=PredictionConfig(model_version="test-v1", score=0.7, min_pixels=5),
+        projects=[ProjectConfig(setup.project, label_map={"red": "label_a", "green": "label_b"})],
     )
-    return path
 
 
 def test_upload_dry_run_then_upload_then_nothing_twice(

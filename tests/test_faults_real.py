@@ -317,10 +317,15 @@ class SlowColourModel(torch.nn.Module):
 
 
 def slow_model(tmp_path: Path, base: ModelConfig, seconds: float) -> ModelConfig:
-    probe = SlowColourModel(200)
-    began = time.perf_counter()
-    probe(torch.zeros(1, 3, 8, 8))
-    rounds = max(200, int(200 * seconds / max(time.perf_counter() - began, 1e-4)))
+    probe, x = SlowColourModel(200), torch.zeros(1, 3, 8, 8)
+    probe(x)  # the first call pays one-off costs: timed, it made the model far too fast
+    timings = []
+    for _ in range(3):
+        began = time.perf_counter()
+        probe(x)
+        timings.append(time.perf_counter() - began)
+    # The fastest run: other load on the machine only makes the service's batch slower.
+    rounds = max(200, int(200 * seconds / max(min(timings), 1e-4)))
     path = tmp_path / "slow.pt"
     torch.jit.save(torch.jit.script(SlowColourModel(rounds)), str(path))
     return dataclasses.replace(base, path=path)

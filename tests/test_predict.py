@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -10,21 +11,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import yaml
-from conftest import model_section
 from PIL import Image
 
 from service.cli import main
-from service.config import ModelConfig
+from service.config import ModelConfig, PredictionConfig, write_config
 
 
-def write_config(path: Path, model: ModelConfig, **prediction: object) -> Path:
-    doc = {
-        "model": model_section(model, batch_size=2),
-        "prediction": {"min_pixels": 0, "prob_upsample": False, **prediction},
-    }
-    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    return path
+def write_predict_config(path: Path, model: ModelConfig) -> Path:
+    return write_config(
+        path,
+        dataclasses.replace(model, batch_size=2),
+        prediction=PredictionConfig(min_pixels=0, prob_upsample=False),
+    )
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -56,7 +54,7 @@ def images_dir(tmp_path: Path) -> Path:
 def test_predict_writes_every_output_and_reports_the_corrupt_file(
     tmp_path: Path, images_dir: Path, colour_model: Callable[..., ModelConfig]
 ) -> None:
-    config = write_config(tmp_path / "c.yaml", colour_model(channels=2))
+    config = write_predict_config(tmp_path / "c.yaml", colour_model(channels=2))
     out = tmp_path / "out"
     code = main(
         ["predict", "--config", str(config), "--images-dir", str(images_dir), "--out-dir", str(out)]
@@ -102,7 +100,7 @@ def test_flags_override_the_config(
     tmp_path: Path, images_dir: Path, colour_model: Callable[..., ModelConfig]
 ) -> None:
     (images_dir / "corrupt.jpg").unlink()
-    config = write_config(tmp_path / "c.yaml", colour_model(channels=2), min_pixels=0)
+    config = write_predict_config(tmp_path / "c.yaml", colour_model(channels=2))
     out = tmp_path / "out"
     args = ["predict", "--config", str(config), "--images-dir", str(images_dir)]
     # In a.png red covers 200 pixels, green 225: a min-pixels of 210 drops red only.
@@ -128,7 +126,7 @@ def test_usage_errors_exit_2_with_a_message(
     colour_model: Callable[..., ModelConfig],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config = write_config(tmp_path / "c.yaml", colour_model(channels=2))
+    config = write_predict_config(tmp_path / "c.yaml", colour_model(channels=2))
     base = ["predict", "--config", str(config), "--out-dir", str(tmp_path / "o")]
     assert main([*base, "--images-dir", str(tmp_path / "nope")]) == 2
     assert "is not a folder" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Callable
@@ -10,11 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from conftest import model_section
 from PIL import Image
 
-from service.config import ModelConfig
+from service.config import ModelConfig, PredictionConfig, write_config
 from service.labelstudio.client import LabelStudioClient
 from service.local import lsserver
 from service.local.quickstart import PROJECT_TITLE
@@ -33,14 +32,10 @@ def setup_files(tmp_path: Path, model: ModelConfig) -> tuple[Path, Path, dict[st
         pixels[15:25, 10 + i : 30, 1] = 255
         Image.fromarray(pixels).save(images / f"pic_{i}.png")
         pictures[f"pic_{i}.png"] = pixels
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "model": model_section(model, labels=["red", "green"]),
-                "prediction": {"min_pixels": 0, "model_version": "qs-v1"},
-            }
-        )
+    config = write_config(
+        tmp_path / "config.yaml",
+        dataclasses.replace(model, labels=("red", "green")),
+        prediction=PredictionConfig(min_pixels=0, model_version="qs-v1"),
     )
     return config, images, pictures
 
