@@ -248,7 +248,7 @@ def read_config(args: argparse.Namespace) -> Config:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from service.commands.predict import run_predict
-    from service.model import SegmentationModel
+    from service.model import load_segmenter
     from service.model.images import list_images
 
     config = read_config(args)
@@ -284,7 +284,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = list_images(args.images_dir)
     if not paths:
         raise ConfigError(f"no image files in {args.images_dir}")
-    model = SegmentationModel.load(model_config)
+    model = load_segmenter(model_config)
     report = run_predict(
         model, paths, args.out_dir, prediction, progress=False if args.no_progress else None
     )

@@ -1,5 +1,6 @@
 """Names and values that more than one part of ls-autoseg must agree on; each has its one owner
-here. Defaults of settings are not here: the config dataclasses own them (``config.py``)."""
+here. Defaults of settings are not here: the config dataclasses own them
+(``service/config/settings.py``)."""
 
 from __future__ import annotations
 

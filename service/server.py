@@ -28,7 +28,7 @@ from service.intake import WebhookIntake, WebhookSettings
 from service.intake.reconcile import reconcile
 from service.labelstudio.client import LabelStudioClient
 from service.metrics import Metrics
-from service.model import SegmentationModel
+from service.model import Segmenter, load_segmenter
 from service.queue import JobQueue, SQLiteJobQueue
 from service.results import BrushTarget, resolve_target
 from service.worker import Worker, WorkerSettings
@@ -82,7 +82,7 @@ class Service:
     config: Config
     queue: JobQueue
     client: LabelStudioClient
-    model: SegmentationModel
+    model: Segmenter
     targets: dict[int, BrushTarget]
     worker: Worker
     metrics: Metrics
@@ -94,7 +94,7 @@ class Service:
     @classmethod
     async def build(cls, config: Config) -> Service:
         WebhookSettings.from_config(config)
-        model = SegmentationModel.load(config.model)
+        model = load_segmenter(config.model)
         client = make_client(config)
         try:
             user = await client.verify()

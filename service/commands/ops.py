@@ -14,7 +14,7 @@ from service.constants import QUEUE_FILE, SECRET_HEADER, TASKS_CREATED
 from service.errors import ConfigError, LabelStudioError
 from service.intake.reconcile import reconcile
 from service.labelstudio.types import WEBHOOK_SSRF_HELP
-from service.model import SegmentationModel
+from service.model import load_segmenter
 from service.queue import JobState
 from service.server import check_projects, make_client, open_queue
 from service.worker import Worker, WorkerSettings
@@ -53,7 +53,7 @@ async def register_hooks(config: Config, url: str, out: TextIO) -> None:
 async def backfill(config: Config, project: int | None, out: TextIO) -> dict[JobState, int]:
     """One pass over existing tasks: queue the untouched ones and process until the queue is
     empty. Runs beside a live ``serve`` safely (they share the queue)."""
-    model = SegmentationModel.load(config.model)
+    model = load_segmenter(config.model)
     async with make_client(config) as client:
         targets = await check_projects(config, client, model.labels)
         if project is not None and project not in targets:

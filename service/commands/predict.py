@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from service.config import PredictionConfig
 from service.errors import ImageError
-from service.model import ImagePrediction, SegmentationModel
+from service.model import ImagePrediction, Segmenter
 from service.model.images import read_image
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class PredictReport:
 
 
 def run_predict(
-    model: SegmentationModel,
+    model: Segmenter,
     paths: Sequence[Path],
     out_dir: Path,
     prediction: PredictionConfig,
@@ -78,7 +78,7 @@ def run_predict(
     """Predict every image in ``paths`` and write the outputs; never raises for one bad image."""
     writer = OutputWriter(out_dir, model.labels)
     report = PredictReport()
-    batch_size = model.config.batch_size
+    batch_size = model.batch_size
     stems: dict[str, str] = {}
     with (
         ThreadPoolExecutor(max_workers=2, thread_name_prefix="predict-io") as pool,
