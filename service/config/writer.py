@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
 
@@ -67,12 +67,23 @@ def write_config(
     if worker is not None:
         document["worker"] = section_document(worker)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Flow style for the innermost lists and mappings: ``labels: [a, b]``, as people write it.
-    text = _HEADER + yaml.safe_dump(document, sort_keys=False, default_flow_style=None)
+    text = _HEADER + yaml.dump(document, Dumper=_Dumper, sort_keys=False)
     path.write_text(text, encoding="utf-8")
     if _has_plain_secret(label_studio, server):
         path.chmod(0o600)
     return path
+
+
+def _sequence(dumper: yaml.representer.BaseRepresenter, data: Any) -> yaml.Node:
+    # ``labels: [a, b]`` as people write it; a list of mappings (projects) in block style.
+    flow = not any(isinstance(item, list | dict) for item in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for sections, flow style for lists of plain values."""
+
+    yaml_representers: ClassVar = {**yaml.SafeDumper.yaml_representers, list: _sequence}
 
 
 def section_document(section: DataclassInstance) -> dict[str, Any]:
