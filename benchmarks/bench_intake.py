@@ -6,7 +6,7 @@ Run from the repository root (no Label Studio needed; about a minute with the de
 
 What runs: the service's real web app (``service.app.create_app`` with its
 ``WebhookIntake``) and its real job queue
-(``SQLiteJobQueue`` from ``service.server.open_queue``: WAL, ``synchronous=FULL``) in a
+(``SQLiteJobQueue`` from ``service.queue.open_queue``: WAL, ``synchronous=FULL``) in a
 temporary ``state_dir``, built from a config file (``config.yaml`` of this repository with
 the project, server and state_dir replaced, written by ``service.config.write_config``), served
 by uvicorn in a subprocess on 127.0.0.1 with the same uvicorn settings as ``ls-autoseg serve``
@@ -113,7 +113,7 @@ def serve(config_path: Path) -> None:
     from service.config import load_config
     from service.intake import WebhookIntake, WebhookSettings
     from service.metrics import Metrics
-    from service.server import open_queue
+    from service.queue import open_queue
 
     logging.basicConfig(  # as service.cli does
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -397,8 +397,7 @@ def main() -> int:
     ]
     # What the restarted service does first: open the file afresh, and its first claim
     # expands the inbox (SQLite's own fast path for webhooks, not part of JobQueue).
-    from service.queue import JobState, SQLiteJobQueue
-    from service.server import open_queue
+    from service.queue import JobState, SQLiteJobQueue, open_queue
 
     with open_queue(config) as reopened:
         assert isinstance(reopened, SQLiteJobQueue)

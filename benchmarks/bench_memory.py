@@ -67,8 +67,7 @@ from service.local import lsserver
 from service.local.process import ServiceProcess
 from service.local.quickstart import label_config
 from service.local.synthetic import make_sample
-from service.queue import JobQueue
-from service.server import open_queue
+from service.queue import JobQueue, open_queue
 
 REPO = Path(__file__).resolve().parent.parent
 

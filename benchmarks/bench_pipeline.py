@@ -90,9 +90,8 @@ from service.local.quickstart import label_config  # noqa: E402
 from service.local.synthetic import make_sample  # noqa: E402
 from service.model import ImagePrediction, SegmentationModel  # noqa: E402
 from service.model.images import decode_image  # noqa: E402
-from service.queue import JobQueue  # noqa: E402
+from service.queue import JobQueue, open_queue  # noqa: E402
 from service.results import BrushTarget, build_prediction, resolve_target  # noqa: E402
-from service.server import open_queue  # noqa: E402
 
 TARGET = 0.85
 # Above these, a run was disturbed by other load and its ratio says little.

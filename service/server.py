@@ -22,25 +22,19 @@ from starlette.applications import Starlette
 
 from service.app import Readiness, create_app
 from service.config import Config
-from service.constants import QUEUE_FILE
 from service.errors import AutosegError, ConfigError
 from service.intake import WebhookIntake, WebhookSettings
 from service.intake.reconcile import reconcile
 from service.labelstudio.client import LabelStudioClient
 from service.metrics import Metrics
 from service.model import Segmenter, load_segmenter
-from service.queue import JobQueue, SQLiteJobQueue
+from service.queue import JobQueue, open_queue
 from service.results import BrushTarget, resolve_target
 from service.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
 
 READY_PROBE_TIMEOUT_S = 5.0
-
-
-def open_queue(config: Config) -> JobQueue:
-    """The service's job queue: SQLite in ``state_dir``, with the worker's attempt limit."""
-    return SQLiteJobQueue(config.state_dir / QUEUE_FILE, max_attempts=config.worker.max_attempts)
 
 
 def make_client(config: Config) -> LabelStudioClient:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from service.errors import ConfigError, RetryableError
-from service.queue import SCHEMA_VERSION, JobState, SQLiteJobQueue
+from service.queue import JobState, SQLiteJobQueue
+from service.queue.sqlite_schema import SCHEMA_VERSION
 
 MakeQueue = Callable[..., SQLiteJobQueue]
 

@@ -10,13 +10,13 @@ from typing import TextIO
 from tqdm import tqdm
 
 from service.config import Config
-from service.constants import QUEUE_FILE, SECRET_HEADER, TASKS_CREATED
+from service.constants import SECRET_HEADER, TASKS_CREATED
 from service.errors import ConfigError, LabelStudioError
 from service.intake.reconcile import reconcile
 from service.labelstudio.types import WEBHOOK_SSRF_HELP
 from service.model import load_segmenter
-from service.queue import JobState
-from service.server import check_projects, make_client, open_queue
+from service.queue import JobState, existing_queue, open_queue
+from service.server import check_projects, make_client
 from service.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -88,11 +88,11 @@ async def backfill(config: Config, project: int | None, out: TextIO) -> dict[Job
 
 def status(config: Config, out: TextIO, failures: int = 20) -> dict[JobState, int]:
     """Jobs by state and the most recent failures with their reasons; needs no token."""
-    path = config.state_dir
-    if not (path / QUEUE_FILE).exists():
-        print(f"no job queue in {path} yet: `serve` or `backfill` creates it", file=out)
+    found = existing_queue(config)
+    if found is None:
+        print(f"no job queue in {config.state_dir} yet: `serve` or `backfill` creates it", file=out)
         return {state: 0 for state in JobState}
-    with open_queue(config) as queue:
+    with found as queue:
         counts = queue.counts()
         recent = queue.recent_failures(failures)
     print("jobs: " + ", ".join(f"{state.value} {counts[state]}" for state in JobState), file=out)

@@ -7,8 +7,16 @@ implementation today; ``tests/test_queue_contract.py`` is the suite each one pas
 
 from __future__ import annotations
 
+from service.queue.backends import existing_queue, open_queue
 from service.queue.base import Job, JobQueue, JobState, QueueSpan
 from service.queue.sqlite import SQLiteJobQueue
-from service.queue.sqlite_schema import SCHEMA_VERSION
 
-__all__ = ["SCHEMA_VERSION", "Job", "JobQueue", "JobState", "QueueSpan", "SQLiteJobQueue"]
+__all__ = [
+    "Job",
+    "JobQueue",
+    "JobState",
+    "QueueSpan",
+    "SQLiteJobQueue",
+    "existing_queue",
+    "open_queue",
+]
