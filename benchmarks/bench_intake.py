@@ -62,6 +62,7 @@ sys.path.insert(0, str(REPO))
 
 from machine import cpu_seconds, machine_line, service_config  # noqa: E402
 
+from service.constants import SECRET_ENV, TOKEN_ENV, WEBHOOK_PATH  # noqa: E402
 from service.local.process import ServiceProcess  # noqa: E402
 
 TARGET_P99_MS = 250.0
@@ -349,7 +350,7 @@ def main() -> int:
     )
 
     log = folder / "server.log"
-    env = {**os.environ, "LS_AUTOSEG_WEBHOOK_SECRET": SECRET, "LABEL_STUDIO_TOKEN": "unused"}
+    env = {**os.environ, SECRET_ENV: SECRET, TOKEN_ENV: "unused"}
     server = ServiceProcess(
         config_path, port, log, env, command=[sys.executable, __file__, "--serve", str(config_path)]
     )
@@ -360,11 +361,11 @@ def main() -> int:
         pid = server.process.pid
         answers: list[Any] = []
         if args.solo:
-            solo, wall = send_all(f"{url}/webhook", bodies[: args.solo], 1)
+            solo, wall = send_all(f"{url}{WEBHOOK_PATH}", bodies[: args.solo], 1)
             summarize("one at a time (idle server)", solo, wall, args.tasks)
             answers += solo
         cpu = cpu_seconds(pid), time.process_time(), machine_busy_seconds()
-        loaded, wall = send_all(f"{url}/webhook", bodies[args.solo :], args.senders)
+        loaded, wall = send_all(f"{url}{WEBHOOK_PATH}", bodies[args.solo :], args.senders)
         server_s = cpu_seconds(pid) - cpu[0]
         client_s = time.process_time() - cpu[1]
         other_s = machine_busy_seconds() - cpu[2] - server_s - client_s

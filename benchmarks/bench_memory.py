@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from machine import cpu_seconds, machine_line, service_config
 
 from service.config import load_config
+from service.constants import SECRET_ENV, TOKEN_ENV
 from service.errors import RetryableError
 from service.labelstudio.client import LabelStudioClient
 from service.local import lsserver
@@ -272,8 +273,8 @@ def main() -> int:
         )
         env = {
             **os.environ,
-            "LABEL_STUDIO_TOKEN": ls.legacy_token,
-            "LS_AUTOSEG_WEBHOOK_SECRET": SECRET,
+            TOKEN_ENV: ls.legacy_token,
+            SECRET_ENV: SECRET,
         }
         service = ServiceProcess(config_path, port, folder / "service.log", env)
         began = time.perf_counter()

@@ -83,6 +83,7 @@ sys.path.insert(0, str(REPO))
 from machine import cpu_model, service_config  # noqa: E402
 
 from service.config import Config, PredictionConfig, ReconcileConfig, load_config  # noqa: E402
+from service.constants import SECRET_ENV, TOKEN_ENV, WEBHOOK_PATH  # noqa: E402
 from service.labelstudio.client import LabelStudioClient  # noqa: E402
 from service.local import lsserver  # noqa: E402
 from service.local.process import ServiceProcess  # noqa: E402
@@ -100,8 +101,6 @@ NOISE_SPREAD = 1.25
 SEED = 20251201
 JPEG_QUALITY = 90
 POLL_S = 0.5
-SECRET_ENV = "LS_AUTOSEG_WEBHOOK_SECRET"
-TOKEN_ENV = "LABEL_STUDIO_TOKEN"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -542,7 +541,7 @@ def _measure(
     service = ServiceProcess(config_path, port, work / "service.log", env)
     try:
         service.start()
-        hooked = service.cli("hook", "--url", f"{service.url}/webhook")
+        hooked = service.cli("hook", "--url", f"{service.url}{WEBHOOK_PATH}")
         if hooked.returncode != 0:
             print(f"hook failed:\n{hooked.stdout}{hooked.stderr}", file=sys.stderr)
             return 2

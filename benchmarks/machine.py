@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from service import config as settings
+from service.constants import SECRET_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,7 +62,7 @@ def service_config(
     to ``folder`` by the service's own writer. Returns its path and the settings read back
     (``${...}`` values unset: ``serve`` reads them from its environment)."""
     given = settings.load_config(base, environ={})
-    secret = settings.MissingEnv("LS_AUTOSEG_WEBHOOK_SECRET")
+    secret = settings.MissingEnv(SECRET_ENV)
     path = settings.write_config(
         folder / "config.yaml",
         given.model if device is None else replace(given.model, device=device),

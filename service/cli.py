@@ -22,7 +22,7 @@ from service.config import (
     parse_threshold_flag,
     parse_thresholds,
 )
-from service.constants import TokenType
+from service.constants import TOKEN_ENV, TOKEN_TYPES, TokenType
 from service.errors import AutosegError, ConfigError
 
 log = logging.getLogger("service")
@@ -30,7 +30,6 @@ log = logging.getLogger("service")
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
-TOKEN_ENV_VAR = "LABEL_STUDIO_TOKEN"
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -142,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     annotations.add_argument("--model-version", help="accepted for the tutorial's command; unused")
     annotations.add_argument("--score", type=float, help="accepted for the tutorial; unused")
-    annotations.add_argument("--min-pixels", type=int, default=20)
+    annotations.add_argument("--min-pixels", type=int, default=PredictionConfig().min_pixels)
     annotations.set_defaults(handler=cmd_annotations)
 
     replace = commands.add_parser(
@@ -212,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, help="Label Studio data, config and queue (default: in the cache)"
     )
     quick.add_argument("--label-studio-url", help="use this Label Studio instead of starting one")
-    quick.add_argument("--token", help=f"its token (default: ${TOKEN_ENV_VAR})")
+    quick.add_argument("--token", help=f"its token (default: ${TOKEN_ENV})")
     quick.add_argument("--exit", action="store_true", help="stop once the samples have masks")
     quick.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for masks")
     quick.set_defaults(handler=cmd_quickstart)
@@ -224,10 +223,10 @@ def add_label_studio_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--project-id", type=int, help="default: the config's only project")
     parser.add_argument(
         "--token",
-        help=f"Personal Access Token or legacy token (default: ${TOKEN_ENV_VAR}, "
+        help=f"Personal Access Token or legacy token (default: ${TOKEN_ENV}, "
         "then label_studio.token); prefer the variable: flags show in process lists",
     )
-    parser.add_argument("--token-type", choices=("auto", "pat", "legacy"), help="default: auto")
+    parser.add_argument("--token-type", choices=TOKEN_TYPES, help="default: auto")
 
 
 def add_config_flag(parser: argparse.ArgumentParser, implicit: bool = True) -> None:
@@ -309,10 +308,10 @@ class LabelStudioTarget:
 def label_studio_target(args: argparse.Namespace, config: Config | None) -> LabelStudioTarget:
     """Flags first, then $LABEL_STUDIO_TOKEN for the token, then the config file."""
     ls = config.label_studio if config else LabelStudioConfig()
-    token = args.token or os.environ.get(TOKEN_ENV_VAR)
+    token = args.token or os.environ.get(TOKEN_ENV)
     if not token:
         if config is None:
-            raise ConfigError(f"no token: pass --token or set ${TOKEN_ENV_VAR}")
+            raise ConfigError(f"no token: pass --token or set ${TOKEN_ENV}")
         token = config.require(ls.token, "label_studio.token")
     projects = {p.id: p for p in config.projects} if config else {}
     if args.project_id is not None:
@@ -459,7 +458,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         images_dir=args.images_dir,
         data_dir=args.data_dir or cache_dir() / "quickstart",
         label_studio_url=args.label_studio_url,
-        token=args.token or os.environ.get(TOKEN_ENV_VAR),
+        token=args.token or os.environ.get(TOKEN_ENV),
         exit_when_done=args.exit,
         timeout_s=args.timeout,
     )

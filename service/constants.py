@@ -4,7 +4,16 @@ here. Defaults of settings are not here: the config dataclasses own them
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Final, Literal, get_args
+
+TOKEN_ENV: Final = "LABEL_STUDIO_TOKEN"
+"""The environment variable the Label Studio token comes from (``${LABEL_STUDIO_TOKEN}``)."""
+
+SECRET_ENV: Final = "LS_AUTOSEG_WEBHOOK_SECRET"
+"""The environment variable the shipped config reads ``server.webhook_secret`` from."""
+
+WEBHOOK_PATH: Final = "/webhook"
+"""Where the service takes Label Studio's webhook."""
 
 SECRET_HEADER: Final = "X-Webhook-Secret"
 """The header that carries ``server.webhook_secret`` on Label Studio's webhook."""
@@ -20,6 +29,7 @@ RESULT_ID_PREFIX: Final = "autoseg_"
 
 TokenType = Literal["auto", "pat", "legacy"]
 """How the Label Studio token is sent: detected, Personal Access Token, or legacy key."""
+TOKEN_TYPES: Final[tuple[TokenType, ...]] = get_args(TokenType)
 
 HTTP_SCHEMES: Final = ("http://", "https://")
 """What a Label Studio URL must start with (compared case-insensitively)."""

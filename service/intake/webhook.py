@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from service.config import Config, MissingEnv
-from service.constants import SECRET_HEADER, TASKS_CREATED
+from service.constants import SECRET_HEADER, TASKS_CREATED, WEBHOOK_PATH
 from service.errors import BadWebhook, ConfigError, RetryableError
 from service.intake.base import IntakeHooks
 from service.metrics import Metrics
@@ -258,7 +258,7 @@ class WebhookIntake:
         self._unconfigured_seen: set[int] = set()
 
     def routes(self) -> Sequence[BaseRoute]:
-        return [Route("/webhook", self.handle, methods=["POST"])]
+        return [Route(WEBHOOK_PATH, self.handle, methods=["POST"])]
 
     async def handle(self, request: Request) -> Response:
         """``POST /webhook``: the body's task ids are durable in the queue before we answer."""

@@ -17,6 +17,7 @@ from typing import Any, Self
 
 import httpx
 
+from service.config import LabelStudioConfig
 from service.constants import TokenType
 from service.errors import LabelStudioError, NotFoundError
 from service.labelstudio.parse import (
@@ -61,9 +62,9 @@ class LabelStudioClient:
         self,
         base_url: str,
         token: str,
-        token_type: TokenType = "auto",
+        token_type: TokenType = LabelStudioConfig.token_type,
         *,
-        timeout_s: float = 30.0,
+        timeout_s: float = LabelStudioConfig.timeout_s,
         retries: int = 5,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from service.constants import HTTP_SCHEMES, TokenType
+from service.constants import HTTP_SCHEMES, TOKEN_TYPES, TokenType
 from service.errors import (
     AuthError,
     ConfigError,
@@ -74,8 +74,11 @@ class Sender:
         token = token.strip()
         if not token:
             raise ConfigError("the Label Studio token is empty")
-        if token_type not in ("auto", "pat", "legacy"):
-            raise ConfigError(f"token type must be auto, pat or legacy, got {token_type!r}")
+        if token_type not in TOKEN_TYPES:
+            raise ConfigError(
+                f"token type must be {', '.join(TOKEN_TYPES[:-1])} or {TOKEN_TYPES[-1]},"
+                f" got {token_type!r}"
+            )
         self.base_url = base
         self._base = httpx.URL(base)
         self._origin = _origin(self._base)

@@ -30,7 +30,7 @@ from service.config import (
     load_config,
     write_config,
 )
-from service.constants import SECRET_HEADER, TASKS_CREATED
+from service.constants import SECRET_ENV, SECRET_HEADER, TASKS_CREATED, TOKEN_ENV, WEBHOOK_PATH
 from service.errors import AutosegError
 from service.labelstudio.client import LabelStudioClient
 from service.labelstudio.types import WEBHOOK_SSRF_HELP
@@ -125,7 +125,7 @@ async def _run(options: QuickstartOptions, url: str, token: str, login: str, out
         config_path = _write_config(options, url, project, port)
         config = load_config(
             config_path,
-            environ={"LABEL_STUDIO_TOKEN": token, "LS_AUTOSEG_WEBHOOK_SECRET": secret},
+            environ={TOKEN_ENV: token, SECRET_ENV: secret},
         )
         service = await Service.build(config)
         server = make_server(service)
@@ -135,7 +135,7 @@ async def _run(options: QuickstartOptions, url: str, token: str, login: str, out
                 await serving
                 return 1
             await asyncio.sleep(0.05)
-        hook_url = f"http://127.0.0.1:{port}/webhook"
+        hook_url = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
         try:
             await _hook(client, project, hook_url, secret)
             existing = [t async for t in client.iter_tasks(project)]
@@ -174,7 +174,7 @@ async def _project(client: LabelStudioClient, labels: tuple[str, ...]) -> int:
 async def _hook(client: LabelStudioClient, project: int, url: str, secret: str) -> None:
     try:
         for hook in await client.list_webhooks(project):
-            if hook.url.startswith("http://127.0.0.1:") and hook.url.endswith("/webhook"):
+            if hook.url.startswith("http://127.0.0.1:") and hook.url.endswith(WEBHOOK_PATH):
                 await client.delete_webhook(hook.id)  # an earlier quickstart's port
         await client.create_webhook(project, url, {SECRET_HEADER: secret}, [TASKS_CREATED])
     except AutosegError as exc:
@@ -201,12 +201,12 @@ def _write_config(options: QuickstartOptions, url: str, project: int, port: int)
         options.data_dir / "config.yaml",
         base.model,
         prediction=base.prediction,
-        label_studio=LabelStudioConfig(url=url, token=MissingEnv("LABEL_STUDIO_TOKEN")),
+        label_studio=LabelStudioConfig(url=url, token=MissingEnv(TOKEN_ENV)),
         projects=[ProjectConfig(id=project)],
         server=ServerConfig(
             host="127.0.0.1",  # the webhook quickstart registers points here
             port=port,
-            webhook_secret=MissingEnv("LS_AUTOSEG_WEBHOOK_SECRET"),
+            webhook_secret=MissingEnv(SECRET_ENV),
         ),
         state_dir=options.data_dir / "state",
         reconcile=ReconcileConfig(),
