@@ -19,7 +19,7 @@ What it does:
    the project is empty at start-up, and a webhook that got lost must show as a failure
    rather than be hidden by a reconcile pass.
 3. Bare model, ``--bare-runs`` runs (default 2), in this process: the same
-   ``SegmentationModel`` and ``PredictionConfig``; the JPEG bytes are decoded with
+   ``load_segmenter``'s model and ``PredictionConfig``; the JPEG bytes are decoded with
    ``service.model.images.decode_image`` in two threads, ahead of the model (as ``predict`` does),
    and ``model.predict_each`` runs in batches of ``model.batch_size`` (it includes the resize,
    the forward pass, the probability upsampling and thresholding, and ``min_pixels``). It does
@@ -89,7 +89,7 @@ from service.local import lsserver  # noqa: E402
 from service.local.process import ServiceProcess  # noqa: E402
 from service.local.quickstart import label_config  # noqa: E402
 from service.local.synthetic import make_sample  # noqa: E402
-from service.model import ImagePrediction, SegmentationModel  # noqa: E402
+from service.model import ImagePrediction, Segmenter, load_segmenter  # noqa: E402
 from service.model.images import decode_image  # noqa: E402
 from service.queue import JobQueue, open_queue  # noqa: E402
 from service.results import BrushTarget, build_prediction, resolve_target  # noqa: E402
@@ -196,13 +196,13 @@ def _decoded(
 
 
 def bare_run(
-    model: SegmentationModel,
+    model: Segmenter,
     prediction: PredictionConfig,
     jpegs: Sequence[bytes],
     groups: dict[str, int],
 ) -> BareRun:
     """Decode + ``predict_each`` over all images, in batches of ``model.batch_size``."""
-    size = model.config.batch_size
+    size = model.batch_size
     model_s = 0.0
     done = 0
     before = CpuSnapshot.take(groups)
@@ -222,9 +222,7 @@ def bare_run(
     return BareRun(elapsed, model_s, done, CpuSnapshot.take(groups).other_share(before))
 
 
-def _predict(
-    model: SegmentationModel, prediction: PredictionConfig, batch: list[np.ndarray]
-) -> float:
+def _predict(model: Segmenter, prediction: PredictionConfig, batch: list[np.ndarray]) -> float:
     began = time.perf_counter()
     results = model.predict_each(batch, prediction)
     spent = time.perf_counter() - began
@@ -235,7 +233,7 @@ def _predict(
 
 
 def encode_ms_per_image(
-    model: SegmentationModel,
+    model: Segmenter,
     prediction: PredictionConfig,
     jpegs: Sequence[bytes],
     target: BrushTarget,
@@ -505,7 +503,7 @@ def _measure(
     secret = secrets.token_hex(16)
     env = {**os.environ, TOKEN_ENV: ls.legacy_token, SECRET_ENV: secret}
     config: Config = load_config(config_path, environ=env)
-    model = SegmentationModel.load(config.model)
+    model = load_segmenter(config.model)
     prediction = config.prediction
     batch = config.model.batch_size
 

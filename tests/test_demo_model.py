@@ -15,7 +15,7 @@ from PIL import Image
 
 from service.config import Config
 from service.local.synthetic import LABELS, make_sample
-from service.model import SegmentationModel
+from service.model.torchscript import SegmentationModel
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ import torch
 
 from service.config import ModelConfig, PredictionConfig, Thresholds
 from service.errors import ModelError
-from service.model import SegmentationModel
+from service.model.torchscript import SegmentationModel
 
 
 def scene(height: int, width: int, seed: int) -> np.ndarray:

@@ -25,7 +25,7 @@ from PIL import Image
 from service.config import ModelConfig, PredictionConfig, WorkerConfig
 from service.labelstudio.client import LabelStudioClient
 from service.metrics import NoMetrics
-from service.model import SegmentationModel
+from service.model.torchscript import SegmentationModel
 from service.queue import JobState, SQLiteJobQueue
 from service.results import BrushTarget, decode_result
 from service.worker import Worker, WorkerSettings
