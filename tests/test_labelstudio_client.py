@@ -28,6 +28,7 @@ from service.errors import (
 from service.labelstudio import PredictionIn
 from service.labelstudio.auth import detect_token_type
 from service.labelstudio.client import LabelStudioClient
+from service.labelstudio.webhooks import ensure_webhook
 
 LS = "http://ls.test"
 LEGACY = "0123456789abcdef0123456789abcdef01234567"
@@ -575,3 +576,19 @@ def test_create_prediction_without_retry_tries_once() -> None:
             assert len(calls) == 4
 
     asyncio.run(run())
+
+
+def test_ensure_webhook_explains_ssrf_protection() -> None:
+    # The session's Label Studio runs with SSRF protection off: its 403 is replayed here.
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(200, json=[])
+        return httpx.Response(403, json={"detail": "The provided URL was not allowed."})
+
+    async def run() -> None:
+        async with client(handler) as ls:
+            await ensure_webhook(ls, 1, "http://127.0.0.1:9/webhook", "s")
+
+    with pytest.raises(LabelStudioError, match="SSRF_PROTECTION_ENABLED=false") as info:
+        asyncio.run(run())
+    assert info.value.status_code == 403

@@ -13,9 +13,11 @@ import httpx
 import pytest
 from ls_fixtures import BRUSH_CONFIG, BRUSH_LABELS, brush_result, new_brush_project
 
+from service.constants import SECRET_HEADER, TASKS_CREATED
 from service.errors import AuthError, LabelStudioError, NotFoundError
 from service.labelstudio import PredictionIn
 from service.labelstudio.client import LabelStudioClient
+from service.labelstudio.webhooks import ensure_webhook
 from service.local import lsserver
 
 pytestmark = pytest.mark.labelstudio
@@ -408,5 +410,28 @@ def test_webhooks_create_list_update(ls_client: MakeClient) -> None:
 
             await ls.delete_webhook(hook.id)
             assert await ls.list_webhooks(project.id) == []
+
+    asyncio.run(run())
+
+
+def test_ensure_webhook_is_idempotent_and_replaces_stale_ones(ls_client: MakeClient) -> None:
+    url = "http://127.0.0.1:9/webhook"
+    old = "http://127.0.0.1:8/webhook"  # an earlier run's port
+    other = "http://127.0.0.1:7/elsewhere"  # someone else's: kept
+
+    async def run() -> None:
+        async with ls_client() as ls:
+            project = (await new_brush_project(ls)).id
+            kept = await ls.create_webhook(project, other, {}, ["TASKS_CREATED"])
+            await ls.create_webhook(project, old, {}, ["TASKS_CREATED"])
+            stale = lambda hook: hook.url.endswith("/webhook")  # noqa: E731
+            first, created = await ensure_webhook(ls, project, url, "s1", stale=stale)
+            assert created
+            again, created = await ensure_webhook(ls, project, url, "s2", stale=stale)
+            assert not created and again.id == first.id
+            hooks = {hook.url: hook for hook in await ls.list_webhooks(project)}
+            assert set(hooks) == {url, other} and hooks[other].id == kept.id
+            assert dict(hooks[url].headers) == {SECRET_HEADER: "s2"}
+            assert hooks[url].actions == (TASKS_CREATED,) and hooks[url].send_payload
 
     asyncio.run(run())

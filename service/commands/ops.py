@@ -10,10 +10,9 @@ from typing import TextIO
 from tqdm import tqdm
 
 from service.config import Config
-from service.constants import SECRET_HEADER, TASKS_CREATED
 from service.errors import ConfigError, LabelStudioError
 from service.intake.reconcile import reconcile
-from service.labelstudio.types import WEBHOOK_SSRF_HELP
+from service.labelstudio.webhooks import ensure_webhook
 from service.model import load_segmenter
 from service.queue import JobState, existing_queue, open_queue
 from service.server import check_projects, make_client
@@ -23,7 +22,6 @@ log = logging.getLogger(__name__)
 
 # backfill is a one-off command: an outage this long ends it (the queue keeps the jobs).
 BACKFILL_OUTAGE_LIMIT_S = 300.0
-ACTIONS = (TASKS_CREATED,)
 
 
 async def register_hooks(config: Config, url: str, out: TextIO) -> None:
@@ -31,23 +29,16 @@ async def register_hooks(config: Config, url: str, out: TextIO) -> None:
     secret = config.require(config.server.webhook_secret, "server.webhook_secret")
     if not config.projects:
         raise ConfigError(f"{config.source}: projects lists no Label Studio project")
-    headers = {SECRET_HEADER: secret}
     async with make_client(config) as client:
         for project in config.projects:
             try:
-                hooks = [h for h in await client.list_webhooks(project.id) if h.url == url]
-                if hooks:
-                    await client.update_webhook(
-                        hooks[0].id, url=url, headers=headers, actions=list(ACTIONS)
-                    )
-                    print(f"project {project.id}: webhook {hooks[0].id} updated -> {url}", file=out)
-                else:
-                    hook = await client.create_webhook(project.id, url, headers, list(ACTIONS))
-                    print(f"project {project.id}: webhook {hook.id} created -> {url}", file=out)
+                hook, created = await ensure_webhook(client, project.id, url, secret)
             except LabelStudioError as exc:
                 if exc.status_code == 403:
-                    raise ConfigError(f"project {project.id}: {WEBHOOK_SSRF_HELP}") from exc
+                    raise ConfigError(f"project {project.id}: {exc}") from exc
                 raise
+            done = "created" if created else "updated"
+            print(f"project {project.id}: webhook {hook.id} {done} -> {url}", file=out)
 
 
 async def backfill(config: Config, project: int | None, out: TextIO) -> dict[JobState, int]:

@@ -19,14 +19,6 @@ DEFAULT_MAX_BYTES = 200 * 1024 * 1024  # a download's size limit unless the call
 MAX_FILES_PER_IMPORT = 100  # Label Studio's own limit per multipart import request
 MAX_TASKS_PER_READ = 100  # task ids per list request (they travel in the URL)
 
-# What to do when Label Studio answers 403 to a webhook we register (hook, quickstart).
-WEBHOOK_SSRF_HELP = (
-    "Label Studio refused the webhook URL with 403: since 1.23.1 its SSRF protection blocks "
-    "webhooks to loopback and private addresses (localhost, 127.x, 10.x, 172.16-31.x, "
-    "192.168.x, docker service names). Start Label Studio with SSRF_PROTECTION_ENABLED=false "
-    "(or USE_DEFAULT_BANNED_SUBNETS=false), or give a URL Label Studio may call."
-)
-
 
 @dataclass(frozen=True)
 class ControlInput:

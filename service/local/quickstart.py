@@ -15,7 +15,7 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 from xml.sax.saxutils import quoteattr
@@ -25,15 +25,15 @@ from service.config import (
     LabelStudioConfig,
     MissingEnv,
     ProjectConfig,
-    ReconcileConfig,
     ServerConfig,
     load_config,
     write_config,
 )
-from service.constants import SECRET_ENV, SECRET_HEADER, TASKS_CREATED, TOKEN_ENV, WEBHOOK_PATH
+from service.constants import SECRET_ENV, TOKEN_ENV, WEBHOOK_PATH
 from service.errors import AutosegError
 from service.labelstudio.client import LabelStudioClient
-from service.labelstudio.types import WEBHOOK_SSRF_HELP
+from service.labelstudio.types import Webhook
+from service.labelstudio.webhooks import ensure_webhook
 from service.local import lsserver
 from service.model.images import list_images
 from service.server import Service, make_server
@@ -137,7 +137,7 @@ async def _run(options: QuickstartOptions, url: str, token: str, login: str, out
             await asyncio.sleep(0.05)
         hook_url = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
         try:
-            await _hook(client, project, hook_url, secret)
+            await ensure_webhook(client, project, hook_url, secret, stale=_earlier_quickstart)
             existing = [t async for t in client.iter_tasks(project)]
             if not existing:
                 files = [(p.name, p.read_bytes()) for p in images]
@@ -171,16 +171,9 @@ async def _project(client: LabelStudioClient, labels: tuple[str, ...]) -> int:
     return (await client.create_project(PROJECT_TITLE, label_config(labels))).id
 
 
-async def _hook(client: LabelStudioClient, project: int, url: str, secret: str) -> None:
-    try:
-        for hook in await client.list_webhooks(project):
-            if hook.url.startswith("http://127.0.0.1:") and hook.url.endswith(WEBHOOK_PATH):
-                await client.delete_webhook(hook.id)  # an earlier quickstart's port
-        await client.create_webhook(project, url, {SECRET_HEADER: secret}, [TASKS_CREATED])
-    except AutosegError as exc:
-        if getattr(exc, "status_code", None) == 403:
-            raise AutosegError(WEBHOOK_SSRF_HELP) from exc
-        raise
+def _earlier_quickstart(hook: Webhook) -> bool:
+    """A webhook an earlier quickstart registered, on another port."""
+    return hook.url.startswith("http://127.0.0.1:") and hook.url.endswith(WEBHOOK_PATH)
 
 
 async def _wait(client: LabelStudioClient, project: int, timeout_s: float) -> tuple[int, int]:
@@ -194,22 +187,31 @@ async def _wait(client: LabelStudioClient, project: int, timeout_s: float) -> tu
 
 
 def _write_config(options: QuickstartOptions, url: str, project: int, port: int) -> Path:
-    """The service's config: the base config's model and prediction, this run's the rest; the
-    token and the secret stay in the environment (``${NAME}``), out of the file."""
+    """The service's config: the base config with this run's Label Studio, project, port and
+    state folder; the token and the secret stay in the environment (``${NAME}``), out of the
+    file."""
     base = options.base_config
     return write_config(
         options.data_dir / "config.yaml",
         base.model,
         prediction=base.prediction,
-        label_studio=LabelStudioConfig(url=url, token=MissingEnv(TOKEN_ENV)),
+        # The token is detected: it is the local Label Studio's, not the base config's.
+        label_studio=replace(
+            base.label_studio,
+            url=url,
+            token=MissingEnv(TOKEN_ENV),
+            token_type=LabelStudioConfig.token_type,
+        ),
         projects=[ProjectConfig(id=project)],
-        server=ServerConfig(
+        server=replace(
+            base.server,
             host="127.0.0.1",  # the webhook quickstart registers points here
             port=port,
             webhook_secret=MissingEnv(SECRET_ENV),
         ),
         state_dir=options.data_dir / "state",
-        reconcile=ReconcileConfig(),
+        reconcile=base.reconcile,
+        worker=base.worker,
     )
 
 
