@@ -22,9 +22,10 @@ from starlette.applications import Starlette
 
 from service.app import Readiness, create_app
 from service.config import Config
+from service.constants import WEBHOOK_PATH
 from service.errors import AutosegError, ConfigError
 from service.intake import WebhookIntake, WebhookSettings
-from service.intake.reconcile import reconcile
+from service.intake.reconcile import Reconciler
 from service.labelstudio.client import LabelStudioClient
 from service.metrics import Metrics
 from service.model import Segmenter, load_segmenter
@@ -35,6 +36,7 @@ from service.worker import Worker, WorkerSettings
 log = logging.getLogger(__name__)
 
 READY_PROBE_TIMEOUT_S = 5.0
+READY_CACHE_S = 5.0  # /ready answers from this old a check: probes must not load Label Studio
 
 
 def make_client(config: Config) -> LabelStudioClient:
@@ -80,14 +82,15 @@ class Service:
     targets: dict[int, BrushTarget]
     worker: Worker
     metrics: Metrics
+    reconciler: Reconciler
+    webhook: WebhookSettings
 
     def __post_init__(self) -> None:
-        self._reconcile_requests: asyncio.Queue[int | None] = asyncio.Queue()
         self._ready_cache: tuple[float, Readiness] | None = None
 
     @classmethod
     async def build(cls, config: Config) -> Service:
-        WebhookSettings.from_config(config)
+        webhook = WebhookSettings.from_config(config)  # before anything slow: it may refuse
         model = load_segmenter(config.model)
         client = make_client(config)
         try:
@@ -110,7 +113,15 @@ class Service:
             WorkerSettings(prediction=config.prediction, worker=config.worker),
             metrics=metrics,
         )
-        return cls(config, queue, client, model, targets, worker, metrics)
+        reconciler = Reconciler(
+            client,
+            queue,
+            list(targets),
+            config.prediction.model_version,
+            config.reconcile,
+            on_new=worker.wake,
+        )
+        return cls(config, queue, client, model, targets, worker, metrics, reconciler, webhook)
 
     # -- ServiceHooks ---------------------------------------------------------------------
 
@@ -118,11 +129,11 @@ class Service:
         self.worker.wake()
 
     def request_reconcile(self, project: int | None) -> None:
-        self._reconcile_requests.put_nowait(project)
+        self.reconciler.request(project)
 
     async def readiness(self) -> Readiness:
         now = time.monotonic()
-        if self._ready_cache and now - self._ready_cache[0] < 5.0:
+        if self._ready_cache and now - self._ready_cache[0] < READY_CACHE_S:
             return self._ready_cache[1]
         checks = {"model": "ok"}
         if self.worker.outage is not None:
@@ -146,16 +157,14 @@ class Service:
     # -- running --------------------------------------------------------------------------
 
     def app(self) -> Starlette:
-        webhook = WebhookIntake(
-            WebhookSettings.from_config(self.config), self.queue, self, self.metrics
-        )
+        webhook = WebhookIntake(self.webhook, self.queue, self, self.metrics)
         return create_app([webhook], self, self.metrics, lifespan=self.lifespan)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         stop = asyncio.Event()
         worker = asyncio.create_task(self.worker.run(stop), name="worker")
-        reconciler = asyncio.create_task(self._reconcile_loop(), name="reconcile")
+        reconciler = asyncio.create_task(self.reconciler.run(), name="reconcile")
         try:
             yield
         finally:
@@ -171,32 +180,6 @@ class Service:
     async def close(self) -> None:
         await self.client.aclose()
         self.queue.close()
-
-    async def _reconcile_loop(self) -> None:
-        settings = self.config.reconcile
-        if settings.on_startup:
-            self.request_reconcile(None)
-        while True:
-            try:
-                project = await asyncio.wait_for(
-                    self._reconcile_requests.get(), timeout=settings.interval_s
-                )
-            except TimeoutError:
-                project = None
-            projects = list(self.targets) if project is None else [project]
-            for project_id in projects:
-                if project_id not in self.targets:
-                    continue
-                try:
-                    if await reconcile(
-                        self.client,
-                        self.queue,
-                        project_id,
-                        self.config.prediction.model_version,
-                    ):
-                        self.worker.wake()
-                except AutosegError as exc:
-                    log.warning("project %s: reconcile failed: %s", project_id, exc)
 
 
 class _Server(uvicorn.Server):
@@ -223,9 +206,10 @@ class _Server(uvicorn.Server):
 def make_server(service: Service) -> uvicorn.Server:
     server = service.config.server
     log.info(
-        "serving on http://%s:%s (POST /webhook, GET /health /ready /metrics)",
+        "serving on http://%s:%s (POST %s, GET /health /ready /metrics)",
         server.host,
         server.port,
+        WEBHOOK_PATH,
     )
     return _Server(
         uvicorn.Config(

@@ -3,15 +3,19 @@ that no person touched and this model_version did not predict, and queues them.
 
 Label Studio sends each webhook once, so a webhook lost while the service was down, refused
 (503) or sent ``send_payload: false`` leaves tasks behind; reconcile finds them. The service
-runs it at start-up and every ``reconcile.interval_s``; ``backfill`` runs it once.
+runs a :class:`Reconciler` (at start-up, every ``reconcile.interval_s``, and when a webhook
+without payload asks); ``backfill`` calls :func:`reconcile` once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from service.config import ReconcileConfig
+from service.errors import AutosegError
 from service.labelstudio.client import LabelStudioClient
 from service.queue import JobQueue
 
@@ -73,3 +77,53 @@ async def reconcile(
             break
     log.info("project %s: reconcile queued %d new job(s)", project, new)
     return new
+
+
+class Reconciler:
+    """Reconciles the configured projects when asked and every ``settings.interval_s``;
+    ``on_new`` is called (on the event loop) when a pass queued something."""
+
+    def __init__(
+        self,
+        client: LabelStudioClient,
+        queue: JobQueue,
+        projects: Sequence[int],
+        model_version: str,
+        settings: ReconcileConfig,
+        on_new: Callable[[], None],
+    ) -> None:
+        self._client = client
+        self._queue = queue
+        self._projects = tuple(projects)
+        self._model_version = model_version
+        self._settings = settings
+        self._on_new = on_new
+        self._requests: asyncio.Queue[int | None] = asyncio.Queue()
+
+    def request(self, project: int | None) -> None:
+        """Reconcile ``project`` (None: every configured one) soon; only signals."""
+        self._requests.put_nowait(project)
+
+    async def run(self) -> None:
+        """Forever, until cancelled; a failed pass is logged and the next one comes."""
+        if self._settings.on_startup:
+            self.request(None)
+        while True:
+            try:
+                project = await asyncio.wait_for(
+                    self._requests.get(), timeout=self._settings.interval_s
+                )
+            except TimeoutError:
+                project = None
+            for project_id in self._projects if project is None else [project]:
+                if project_id not in self._projects:
+                    continue
+                try:
+                    new = await reconcile(
+                        self._client, self._queue, project_id, self._model_version
+                    )
+                except AutosegError as exc:
+                    log.warning("project %s: reconcile failed: %s", project_id, exc)
+                    continue
+                if new:
+                    self._on_new()

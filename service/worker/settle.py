@@ -35,6 +35,9 @@ from service.worker.outage import OutageWatch
 
 log = logging.getLogger(__name__)
 
+# A task not visible yet (its import not committed) is asked for again soon, then less often.
+NOT_YET_RETRY_BASE_S = 1.0
+
 
 @dataclass(frozen=True)
 class Settler:
@@ -89,7 +92,7 @@ class Settler:
         if isinstance(exc, SkipJob):
             await self._finish(job, JobState.SKIPPED, str(exc), started)
         elif isinstance(exc, NotYetVisible):
-            await self._retry(job, str(exc), base=1.0)
+            await self._retry(job, str(exc), base=NOT_YET_RETRY_BASE_S)
         elif await self.outage.explains(exc):
             await self._release(job, f"waiting for Label Studio: {exc}")
             self.metrics.job_retried()

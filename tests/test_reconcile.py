@@ -1,0 +1,84 @@
+"""The Reconciler loop (intake/reconcile.py) on the real SQLite queue, with Label Studio's task
+list replayed by httpx.MockTransport (the real server is used in test_service_real.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.config import ReconcileConfig
+from service.intake.reconcile import Reconciler
+from service.labelstudio.client import LabelStudioClient
+from service.queue import JobState, SQLiteJobQueue
+
+UNTOUCHED = {7: [11, 12, 13], 8: [21]}  # project -> tasks Label Studio lists as untouched
+
+
+def label_studio(asked: list[int], broken: set[int]) -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        project = int(request.url.params["project"])
+        asked.append(project)
+        if project in broken:
+            return httpx.Response(400, json={"detail": "bad query"})
+        after = json.loads(request.url.params["query"])["filters"]["items"][-1]["value"]
+        tasks = [{"id": t, "project": project, "data": {}} for t in UNTOUCHED[project] if t > after]
+        return httpx.Response(200, json={"tasks": tasks, "total": len(tasks)})
+
+    return httpx.MockTransport(handler)
+
+
+def run_reconciler(
+    tmp_path: Path, settings: ReconcileConfig, requests: list[int | None], broken: set[int]
+) -> tuple[SQLiteJobQueue, list[int], int]:
+    queue = SQLiteJobQueue(tmp_path / "jobs.sqlite3", max_attempts=3)
+    asked: list[int] = []
+    woken = 0
+
+    def on_new() -> None:
+        nonlocal woken
+        woken += 1
+
+    async def run() -> None:
+        transport = label_studio(asked, broken)
+        async with LabelStudioClient("http://ls.test", "0" * 40, transport=transport) as ls:
+            reconciler = Reconciler(ls, queue, [7, 8], "v1", settings, on_new)
+            for project in requests:
+                reconciler.request(project)
+            loop = asyncio.create_task(reconciler.run())
+            await asyncio.sleep(0.3)
+            loop.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await loop
+
+    asyncio.run(run())
+    return queue, asked, woken
+
+
+def test_start_up_pass_queues_every_configured_project(tmp_path: Path) -> None:
+    queue, asked, woken = run_reconciler(tmp_path, ReconcileConfig(), [], set())
+    with queue:
+        assert sorted(asked) == [7, 8]
+        assert queue.counts()[JobState.QUEUED] == 4
+        assert queue.get(7, 13, "v1") is not None and queue.get(8, 21, "v1") is not None
+    assert woken == 2
+
+
+def test_requests_name_one_project_and_unconfigured_ones_are_ignored(tmp_path: Path) -> None:
+    settings = ReconcileConfig(on_startup=False)
+    queue, asked, woken = run_reconciler(tmp_path, settings, [8, 99, 8], set())
+    with queue:
+        assert asked == [8, 8]  # 99 is not configured: Label Studio is not even asked
+        assert queue.counts()[JobState.QUEUED] == 1
+    assert woken == 1  # the second pass found nothing new
+
+
+def test_a_failing_project_does_not_stop_the_others(tmp_path: Path) -> None:
+    queue, asked, woken = run_reconciler(tmp_path, ReconcileConfig(), [], {7})
+    with queue:
+        assert sorted(asked) == [7, 8]
+        assert queue.counts()[JobState.QUEUED] == 1
+    assert woken == 1
