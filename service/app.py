@@ -6,10 +6,7 @@ worker and the reconcile loop beside it.
 
 Routes::
 
-    POST /webhook   (WebhookIntake, service/intake/webhook.py) 401 bad secret, 413 too
-                    large, 400 malformed, 503 queue unavailable;
-                    200 {"queued": n} (n task ids made durable) | 200 {"ignored": ...}
-                    | 202 {"reconcile": project id or "all"} (sent without payload)
+    POST /webhook   WebhookIntake (service/intake/webhook.py lists its answers)
     GET  /health    200 {"status": "alive"}: the process answers (liveness)
     GET  /ready     200/503 {"ready": bool, "checks": {...}}: model, Label Studio, token
     GET  /metrics   Prometheus text format

@@ -30,7 +30,6 @@ log = logging.getLogger("service")
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
-REPO = Path(__file__).resolve().parent.parent
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -205,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_flag(quick)
     quick.add_argument(
-        "--images-dir", type=Path, default=REPO / "samples" / "images", help="images to import"
+        "--images-dir",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "samples" / "images",
+        help="images to import",
     )
     quick.add_argument(
         "--data-dir", type=Path, help="Label Studio data, config and queue (default: in the cache)"
