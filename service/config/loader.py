@@ -28,8 +28,8 @@ from service.config.settings import (
     ServerConfig,
     Thresholds,
     WorkerConfig,
+    url_problem,
 )
-from service.constants import HTTP_SCHEMES
 from service.errors import ConfigError
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -197,8 +197,9 @@ def parse_threshold_flag(text: str, labels: tuple[str, ...]) -> dict[str, float]
 
 def _parse_label_studio(s: Section[LabelStudioConfig]) -> LabelStudioConfig:
     url = s.str_value("url").rstrip("/")
-    if not url.lower().startswith(HTTP_SCHEMES):
-        raise s.error("url", f"must start with http:// or https://, got {url!r}")
+    problem = url_problem(url)
+    if problem:
+        raise s.error("url", problem)
     return s.build({"url": url})
 
 

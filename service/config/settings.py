@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from service.constants import TokenType
+from service.constants import HTTP_SCHEMES, TokenType
 from service.errors import ConfigError
 
 Activation = Literal["sigmoid", "softmax"]
@@ -72,6 +72,14 @@ class LabelStudioConfig:
     token: str | MissingEnv | None = None
     token_type: TokenType = "auto"
     timeout_s: float = 30.0
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a Label Studio URL (the config's and the client's one check), or
+    None."""
+    if not url.lower().startswith(HTTP_SCHEMES):
+        return f"must start with {' or '.join(HTTP_SCHEMES)}, got {url!r}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from typing import Any
 
 import httpx
 
-from service.constants import HTTP_SCHEMES, TOKEN_TYPES, TokenType
+from service.config.settings import url_problem
+from service.constants import TOKEN_TYPES, TokenType
 from service.errors import (
     AuthError,
     ConfigError,
@@ -67,10 +68,9 @@ class Sender:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         base = base_url.strip().rstrip("/")
-        if not base.lower().startswith(HTTP_SCHEMES):
-            raise ConfigError(
-                f"Label Studio URL must start with http:// or https://, got {base_url!r}"
-            )
+        problem = url_problem(base)
+        if problem:
+            raise ConfigError(f"Label Studio URL {problem}")
         token = token.strip()
         if not token:
             raise ConfigError("the Label Studio token is empty")
