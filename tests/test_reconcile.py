@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -18,10 +19,13 @@ from service.queue import JobState, SQLiteJobQueue
 UNTOUCHED = {7: [11, 12, 13], 8: [21]}  # project -> tasks Label Studio lists as untouched
 
 
-def label_studio(asked: list[int], broken: set[int]) -> httpx.MockTransport:
+def label_studio(
+    asked: list[int], broken: set[int], on_ask: Callable[[int], None] = lambda project: None
+) -> httpx.MockTransport:
     def handler(request: httpx.Request) -> httpx.Response:
         project = int(request.url.params["project"])
         asked.append(project)
+        on_ask(project)
         if project in broken:
             return httpx.Response(400, json={"detail": "bad query"})
         after = json.loads(request.url.params["query"])["filters"]["items"][-1]["value"]
@@ -32,8 +36,14 @@ def label_studio(asked: list[int], broken: set[int]) -> httpx.MockTransport:
 
 
 def run_reconciler(
-    tmp_path: Path, settings: ReconcileConfig, requests: list[int | None], broken: set[int]
+    tmp_path: Path,
+    settings: ReconcileConfig,
+    requests: list[int | None],
+    broken: set[int],
+    during_pass: list[int | None] | None = None,
 ) -> tuple[SQLiteJobQueue, list[int], int]:
+    """Run a Reconciler of projects 7 and 8 for 0.3 s after ``requests``; ``during_pass`` are
+    requested while Label Studio answers its first task read."""
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite3", max_attempts=3)
     asked: list[int] = []
     woken = 0
@@ -43,7 +53,13 @@ def run_reconciler(
         woken += 1
 
     async def run() -> None:
-        transport = label_studio(asked, broken)
+        later = list(during_pass or [])
+
+        def on_ask(project: int) -> None:
+            while later:
+                reconciler.request(later.pop())
+
+        transport = label_studio(asked, broken, on_ask)
         async with LabelStudioClient("http://ls.test", "0" * 40, transport=transport) as ls:
             reconciler = Reconciler(ls, queue, [7, 8], "v1", settings, on_new)
             for project in requests:
@@ -69,11 +85,39 @@ def test_start_up_pass_queues_every_configured_project(tmp_path: Path) -> None:
 
 def test_requests_name_one_project_and_unconfigured_ones_are_ignored(tmp_path: Path) -> None:
     settings = ReconcileConfig(on_startup=False)
-    queue, asked, woken = run_reconciler(tmp_path, settings, [8, 99, 8], set())
+    queue, asked, woken = run_reconciler(tmp_path, settings, [8, 99], set())
     with queue:
-        assert asked == [8, 8]  # 99 is not configured: Label Studio is not even asked
+        assert asked == [8]  # 99 is not configured: Label Studio is not even asked
         assert queue.counts()[JobState.QUEUED] == 1
-    assert woken == 1  # the second pass found nothing new
+    assert woken == 1
+
+
+def test_a_burst_of_requests_for_one_project_is_one_pass(tmp_path: Path) -> None:
+    settings = ReconcileConfig(on_startup=False)
+    queue, asked, woken = run_reconciler(tmp_path, settings, [8] * 200, set())
+    with queue:
+        assert asked == [8]
+        assert queue.counts()[JobState.QUEUED] == 1
+    assert woken == 1
+
+
+def test_a_pending_all_covers_every_project(tmp_path: Path) -> None:
+    settings = ReconcileConfig(on_startup=False)
+    requests: list[int | None] = [8, None, 7, 8, None, 7]
+    queue, asked, woken = run_reconciler(tmp_path, settings, requests, set())
+    with queue:
+        assert asked == [7, 8]  # one pass each, in config order
+        assert queue.counts()[JobState.QUEUED] == 4
+    assert woken == 2
+
+
+def test_requests_during_a_pass_merge_into_one_pass_after_it(tmp_path: Path) -> None:
+    # The running pass may have read past the tasks these requests announce.
+    settings = ReconcileConfig(on_startup=False)
+    queue, asked, _ = run_reconciler(tmp_path, settings, [7], set(), during_pass=[8, 7, 8, 7])
+    with queue:
+        assert asked == [7, 7, 8]
+        assert queue.counts()[JobState.QUEUED] == 4
 
 
 def test_a_failing_project_does_not_stop_the_others(tmp_path: Path) -> None:

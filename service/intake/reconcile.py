@@ -98,11 +98,36 @@ class Reconciler:
         self._model_version = model_version
         self._settings = settings
         self._on_new = on_new
-        self._requests: asyncio.Queue[int | None] = asyncio.Queue()
+        # Merged requests: a burst of payload-less webhooks is one pass per project, not one
+        # pass each, and what is pending stays bounded by the configured projects.
+        self._pending: set[int] = set()
+        self._pending_all = False
+        self._asked = asyncio.Event()
 
     def request(self, project: int | None) -> None:
-        """Reconcile ``project`` (None: every configured one) soon; only signals."""
-        self._requests.put_nowait(project)
+        """Reconcile ``project`` (None: every configured one) soon; only signals. Requests
+        merge until a pass takes them: one pending per project, and a pending "all" covers
+        every project; one that arrives during a pass gets a pass after it (the running one may
+        have read past its tasks already). An unconfigured project is ignored."""
+        if project is None:
+            self._pending_all = True
+            self._pending.clear()
+        elif project in self._projects and not self._pending_all:
+            self._pending.add(project)
+        else:
+            return
+        self._asked.set()
+
+    def _take(self) -> list[int]:
+        """The projects asked for since the last pass, in config order; clears them."""
+        if self._pending_all:
+            taken = list(self._projects)
+        else:
+            taken = [project for project in self._projects if project in self._pending]
+        self._pending_all = False
+        self._pending.clear()
+        self._asked.clear()
+        return taken
 
     async def run(self) -> None:
         """Forever, until cancelled; a failed pass is logged and the next one comes."""
@@ -110,14 +135,10 @@ class Reconciler:
             self.request(None)
         while True:
             try:
-                project = await asyncio.wait_for(
-                    self._requests.get(), timeout=self._settings.interval_s
-                )
+                await asyncio.wait_for(self._asked.wait(), timeout=self._settings.interval_s)
             except TimeoutError:
-                project = None
-            for project_id in self._projects if project is None else [project]:
-                if project_id not in self._projects:
-                    continue
+                self.request(None)
+            for project_id in self._take():
                 try:
                     new = await reconcile(
                         self._client, self._queue, project_id, self._model_version
