@@ -102,6 +102,36 @@ def test_bad_model_settings(tmp_path: Path, model: str, message: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("label", "reason"),
+    [
+        ("../../x", "a label names one folder"),
+        ("a/b", "a label names one folder"),
+        ("'..\\x'", "a label names one folder"),
+        ("..", "'.' and '..' are not folder names"),
+        (".", "'.' and '..' are not folder names"),
+        ("'   '", "must not be empty"),
+        ('"a\\tb"', "control characters"),
+        ('"a\\0b"', "control characters"),
+        ("' a'", "leading or trailing spaces"),
+        ("x" * 256, "longer than 255 bytes"),
+    ],
+)
+def test_a_label_that_is_not_one_safe_folder_name_is_refused(
+    tmp_path: Path, label: str, reason: str
+) -> None:
+    text = f"model:\n  path: m.pt\n  labels: [ok, {label}]\n"
+    with pytest.raises(ConfigError, match=r"model\.labels .* cannot be used: ") as caught:
+        load_config(write(tmp_path, text), environ={})
+    assert reason in str(caught.value)
+
+
+def test_labels_with_spaces_dots_and_unicode_are_folder_names(tmp_path: Path) -> None:
+    labels = ("façade ü", "a.b", "..x", "label_a")
+    text = "model:\n  path: m.pt\n  labels: [" + ", ".join(f"'{v}'" for v in labels) + "]\n"
+    assert load_config(write(tmp_path, text), environ={}).model.labels == labels
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ("model:\n  labels: [a]\n", r"model\.path is required"),

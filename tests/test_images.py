@@ -69,7 +69,7 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped() -> None:
 
 
 def test_corrupt_and_empty_and_truncated_data_fail_with_reasons() -> None:
-    with pytest.raises(ImageError, match="not an image"):
+    with pytest.raises(ImageError, match=r"x\.jpg: not a JPEG, PNG, WebP, GIF, BMP or TIFF"):
         decode_image(b"this is not an image at all", max_pixels=LIMIT, name="x.jpg")
     with pytest.raises(ImageError, match="empty"):
         decode_image(b"", max_pixels=LIMIT)
@@ -77,6 +77,50 @@ def test_corrupt_and_empty_and_truncated_data_fail_with_reasons() -> None:
     jpeg = encode(Image.fromarray(pixels), "JPEG")
     with pytest.raises(ImageError, match=r"x\.jpg: corrupt or truncated"):
         decode_image(jpeg[: len(jpeg) // 2], max_pixels=LIMIT, name="x.jpg")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kwargs"),
+    [
+        ("JPEG", {}),
+        ("PNG", {}),
+        ("WEBP", {"lossless": True}),
+        ("GIF", {}),
+        ("BMP", {}),
+        ("TIFF", {}),
+        ("TIFF", {"compression": "tiff_lzw"}),
+        ("MPO", {}),
+    ],
+)
+def test_every_format_a_browser_shows_is_decoded(fmt: str, kwargs: dict[str, object]) -> None:
+    img = Image.new("RGB", (6, 4), (200, 10, 10))
+    out = decode_image(encode(img, fmt, **kwargs), max_pixels=LIMIT)
+    assert out.shape == (4, 6, 3)
+    assert out[0, 0, 0] > 150 and out[0, 0, 1] < 60
+
+
+@pytest.mark.parametrize(
+    ("fmt", "reason"),
+    [
+        ("EPS", r"PostScript/EPS is not an image format a browser shows"),
+        ("PPM", r"PBM/PGM/PPM is not an image format a browser shows"),
+        ("ICO", r"ICO is not an image format a browser shows"),
+        ("PCX", r"not a JPEG, PNG, WebP, GIF, BMP or TIFF image"),
+        ("TGA", r"not a JPEG, PNG, WebP, GIF, BMP or TIFF image"),
+        ("SGI", r"not a JPEG, PNG, WebP, GIF, BMP or TIFF image"),
+    ],
+)
+def test_formats_a_browser_does_not_show_fail_with_a_reason(fmt: str, reason: str) -> None:
+    data = encode(Image.new("RGB", (8, 8), (1, 2, 3)), fmt)
+    Image.open(io.BytesIO(data)).verify()  # Pillow itself reads it: only our check refuses
+    with pytest.raises(ImageError, match=rf"^x\.{fmt.lower()}: {reason}"):
+        decode_image(data, max_pixels=LIMIT, name=f"x.{fmt.lower()}")
+
+
+def test_documents_pillow_cannot_read_are_named_too() -> None:
+    for data, kind in ((b"%PDF-1.7\n%", "PDF"), (b'<?xml version="1.0"?><svg/>', "XML/SVG")):
+        with pytest.raises(ImageError, match=rf"^doc: {kind} is not an image format"):
+            decode_image(data, max_pixels=LIMIT, name="doc")
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -105,6 +149,7 @@ def test_read_image_and_list_images(tmp_path: Path) -> None:
     Image.new("RGB", (3, 2), (1, 2, 3)).save(tmp_path / "b.png")
     Image.new("RGB", (3, 2)).save(tmp_path / "a.JPG")
     (tmp_path / "notes.txt").write_text("x")
+    Image.new("RGB", (3, 2)).save(tmp_path / "c.ppm")  # no browser shows it: not listed
     (tmp_path / ".hidden.png").write_bytes(b"")
     (tmp_path / "sub").mkdir()
     assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png"]

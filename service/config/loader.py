@@ -101,6 +101,10 @@ def _parse_model(s: Section[ModelConfig], base: Path) -> ModelConfig:
         raise s.error("labels", "must name at least one label")
     if len(set(labels)) != len(labels):
         raise s.error("labels", "has duplicates")
+    for label in labels:
+        problem = label_name_problem(label)
+        if problem is not None:
+            raise s.error("labels", f"{label!r} cannot be used: {problem}")
     activation = s.choice("activation", get_args(Activation))
     background = s.opt_str("background")
     if background is not None:
@@ -154,6 +158,30 @@ def _parse_prediction(s: Section[PredictionConfig], model: ModelConfig) -> Predi
         {"thresholds": thresholds, "score": score},
         minimum={"min_pixels": 0, "max_pixels": 1},
     )
+
+
+MAX_LABEL_BYTES = 255  # a file name's limit on common file systems: labels become folders
+
+
+def label_name_problem(label: str) -> str | None:
+    """Why a model label cannot be a folder name under ``--out-dir``, or None if it can.
+
+    ``predict`` writes ``masks_binary/<label>/``: a label must be exactly one path component,
+    or ``../x`` would write outside the output folder.
+    """
+    if not label.strip():
+        return "a label must not be empty or only spaces (it names a folder)"
+    if label in (".", ".."):
+        return "'.' and '..' are not folder names"
+    if "/" in label or "\\" in label:
+        return "a label names one folder: '/' and '\\' are not allowed"
+    if any(ord(c) < 32 or ord(c) == 127 for c in label):
+        return "control characters (NUL, newline, tab...) are not allowed"
+    if label != label.strip():
+        return "leading or trailing spaces are not allowed (folder names would differ)"
+    if len(label.encode("utf-8")) > MAX_LABEL_BYTES:
+        return f"longer than {MAX_LABEL_BYTES} bytes, the limit for a folder name"
+    return None
 
 
 def parse_thresholds(raw: object, labels: tuple[str, ...], where: str) -> Thresholds:

@@ -3,6 +3,10 @@
 Pillow reads the header first, so the pixel-count guard fires before any memory is spent on
 a decompression bomb; EXIF orientation is applied because Label Studio's editor shows JPEGs
 rotated as their EXIF says, and a mask must have the displayed width and height.
+
+Only the formats a browser shows are opened (``BROWSER_FORMATS``): Label Studio's editor cannot
+show anything else, so a mask for it is useless, and Pillow's other plugins (EPS runs
+Ghostscript, PSD, ICNS, ...) are attack surface that a task's data must not reach.
 """
 
 from __future__ import annotations
@@ -17,8 +21,32 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import ImageError
 
+# Pillow's format names. The JPEG plugin also opens MPO, the multi-picture JPEG of cameras.
+BROWSER_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".jfif", ".pgm", ".ppm"}
+    {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+)
+# Leading bytes of common formats outside BROWSER_FORMATS, to say what a refused file is.
+_OTHER_FORMATS = (
+    (b"%!PS", "PostScript/EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"%PDF", "PDF"),
+    (b"8BPS", "Photoshop (PSD)"),
+    (b"icns", "ICNS"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"P1", "PBM/PGM/PPM"),
+    (b"P2", "PBM/PGM/PPM"),
+    (b"P3", "PBM/PGM/PPM"),
+    (b"P4", "PBM/PGM/PPM"),
+    (b"P5", "PBM/PGM/PPM"),
+    (b"P6", "PBM/PGM/PPM"),
+    (b"gimp xcf", "GIMP XCF"),
+    (b"\x59\xa6\x6a\x95", "Sun raster"),
+    (b"DDS ", "DDS"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"<?xml", "XML/SVG"),
+    (b"<svg", "SVG"),
 )
 
 
@@ -43,7 +71,7 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> np.nda
         # Our own max_pixels guard below replaces Pillow's bomb warning.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=BROWSER_FORMATS) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageError(
@@ -65,9 +93,18 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> np.nda
                 "(prediction.max_pixels, capped by Pillow's decompression-bomb limit)"
             ) from exc
         except UnidentifiedImageError as exc:
-            raise ImageError(f"{name}: not an image Pillow can read") from exc
+            raise ImageError(f"{name}: {_unsupported(data)}") from exc
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageError(f"{name}: corrupt or truncated image ({exc})") from exc
+
+
+def _unsupported(data: bytes) -> str:
+    accepted = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+    head = data[:16].lstrip()
+    kind = next((label for magic, label in _OTHER_FORMATS if head.startswith(magic)), None)
+    if kind is not None:
+        return f"{kind} is not an image format a browser shows; accepted: {accepted}"
+    return f"not a {accepted} image (the formats a browser shows), or a corrupt one"
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
