@@ -11,6 +11,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 
 from service.errors import ConfigError, RetryableError
 from service.queue import JobState, SQLiteJobQueue
+from service.queue.sqlite import INBOX_ROW_IDS
 from service.queue.sqlite_schema import SCHEMA_VERSION
 
 MakeQueue = Callable[..., SQLiteJobQueue]
@@ -286,6 +289,75 @@ def test_the_inbox_counts_repeats_until_expand_drops_them(
     assert queue.expand() == 1  # project 5's 1; 3 and 4 are jobs already
     assert queue.expand() == 0
     assert (queue.pending(), queue.span().accepted, len(all_rows(db_path))) == (5, 0, 5)
+
+
+def inbox_sizes(path: Path) -> list[int]:
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute("SELECT json_array_length(task_ids) FROM inbox ORDER BY id")
+        return [size for (size,) in rows.fetchall()]
+    finally:
+        conn.close()
+
+
+def test_a_big_body_is_accepted_as_bounded_rows_and_each_id_becomes_one_job(
+    queue: SQLiteJobQueue, db_path: Path
+) -> None:
+    n = 3 * INBOX_ROW_IDS + 7
+    ids = [*range(1, n + 1), 5, 6]  # repeats inside one body
+    assert queue.accept(3, ids, "v1") == n + 2
+    assert inbox_sizes(db_path) == [INBOX_ROW_IDS] * 3 + [9]
+    assert queue.pending() == n + 2
+    assert queue.expand(max_rows=2) == 2 * INBOX_ROW_IDS  # a bounded row per transaction
+    assert queue.expand() == n - 2 * INBOX_ROW_IDS
+    tasks = [row[1] for row in all_rows(db_path)]
+    assert tasks == list(range(1, n + 1))  # each once, in the body's order
+    assert queue.pending() == n
+
+
+def test_a_big_row_written_whole_by_an_older_version_is_split_before_expanding(
+    queue: SQLiteJobQueue, db_path: Path
+) -> None:
+    n = 2 * INBOX_ROW_IDS + 1
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute(
+        "INSERT INTO inbox (project, model_version, task_ids, received_at) VALUES (3, 'v1', ?, 0)",
+        (json.dumps(list(range(1, n + 1))),),
+    )
+    conn.close()
+    queue.accept(3, [n + 1], "v1")
+    assert queue.expand(max_rows=1) == 0  # split, nothing expanded in that transaction
+    assert inbox_sizes(db_path) == [1, INBOX_ROW_IDS, INBOX_ROW_IDS, 1]
+    assert queue.expand() == n + 1
+    assert sorted(row[1] for row in all_rows(db_path)) == list(range(1, n + 2))
+
+
+@pytest.mark.slow
+def test_accepts_wait_at_most_a_bounded_row_behind_the_expansion_of_a_huge_body(
+    queue: SQLiteJobQueue, db_path: Path
+) -> None:
+    # A 15 MB webhook body: expanded in one transaction it held every accept for ~2 s.
+    n = 1_000_000
+    assert queue.accept(3, range(1, n + 1), "v1") == n
+    expanded: list[int] = []
+    expander = threading.Thread(target=lambda: expanded.append(queue.expand()))
+    waits: list[float] = []
+    expander.start()
+    while expander.is_alive():
+        started = time.perf_counter()
+        queue.accept(4, [len(waits) + 1], "v1")
+        waits.append(time.perf_counter() - started)
+        time.sleep(0.01)
+    expander.join()
+    assert max(waits) < 0.1, sorted(waits)[-5:]
+    assert len(waits) >= 10, "the expansion ended before accepts could be measured"
+    queue.expand()
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        counted = conn.execute(
+            "SELECT project, COUNT(*), COUNT(DISTINCT task), MIN(task), MAX(task) FROM jobs"
+            " GROUP BY project ORDER BY project"
+        ).fetchall()
+    assert counted == [(3, n, n, 1, n), (4, len(waits), len(waits), 1, len(waits))]
 
 
 def test_a_version_1_database_gets_the_inbox(db_path: Path) -> None:

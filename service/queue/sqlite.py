@@ -36,12 +36,21 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BUSY_TIMEOUT_S = 5.0
 _EXPAND_PER_CLAIM = 4
+# Ids per inbox row, so per expand transaction: expanding one row holds the write lock for
+# ~10 ms, which is how long an accept (a webhook's answer) can wait behind an expansion.
+INBOX_ROW_IDS = 5000
 
 
 def _json_ids(project: int, task_ids: Sequence[int], model_version: str) -> str:
     """The checked task ids as a JSON array for ``json_each`` ("" for none)."""
     ids = checks.job_args(project, task_ids, model_version)
     return json.dumps(ids) if ids else ""
+
+
+def _inbox_rows(project: int, task_ids: Sequence[int], model_version: str) -> list[str]:
+    """The checked task ids as JSON arrays of at most ``INBOX_ROW_IDS`` each, one per row."""
+    ids = checks.job_args(project, task_ids, model_version)
+    return [json.dumps(ids[at : at + INBOX_ROW_IDS]) for at in range(0, len(ids), INBOX_ROW_IDS)]
 
 
 @dataclass(frozen=True)
@@ -192,17 +201,15 @@ class SQLiteJobQueue(JobQueue):
         return new
 
     def accept(self, project: int, task_ids: Sequence[int], model_version: str) -> int:
-        ids = _json_ids(project, task_ids, model_version)
-        if not ids:
+        rows = _inbox_rows(project, task_ids, model_version)
+        if not rows:
             return 0
         with self._locked("accept") as conn:
             now = self._clock()
+            # A big body becomes many rows, in one transaction: durable all at once, and
+            # expanded a bounded row at a time.
             with self._write():
-                conn.execute(
-                    "INSERT INTO inbox (project, model_version, task_ids, received_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (project, model_version, ids, now),
-                )
+                self._insert_inbox(conn, project, model_version, rows, now)
         log.debug("project %d: %d task id(s) accepted", project, len(task_ids))
         return len(task_ids)
 
@@ -224,11 +231,29 @@ class SQLiteJobQueue(JobQueue):
                     if row is None:  # another process expanded it meanwhile
                         continue
                     row_id, project, model_version, ids, received_at, given = row
-                    added = self._insert_jobs(conn, project, ids, model_version, received_at)
                     conn.execute("DELETE FROM inbox WHERE id = ?", (row_id,))
+                    if given > INBOX_ROW_IDS:
+                        # Written whole by an older version: split it, and expand the parts
+                        # in later transactions (behind the rows accepted since).
+                        rows = _inbox_rows(project, json.loads(ids), model_version)
+                        self._insert_inbox(conn, project, model_version, rows, received_at)
+                        continue
+                    added = self._insert_jobs(conn, project, ids, model_version, received_at)
             new += added
             self._log_queued(project, added, given, model_version)
+            # Let a thread waiting for the lock (an accept: a webhook's answer) in before the
+            # next row: threading.Lock is not fair, and this loop would take it straight back.
+            time.sleep(0)
         return new
+
+    @staticmethod
+    def _insert_inbox(
+        conn: sqlite3.Connection, project: int, model_version: str, rows: list[str], at: float
+    ) -> None:
+        conn.executemany(
+            "INSERT INTO inbox (project, model_version, task_ids, received_at) VALUES (?, ?, ?, ?)",
+            ((project, model_version, ids, at) for ids in rows),
+        )
 
     @staticmethod
     def _insert_jobs(
