@@ -21,6 +21,7 @@
     │       └── NotFoundError    404: a task, project or file that is not (yet) there
     └── RetryableError           transient: the worker retries with backoff
         ├── LabelStudioUnavailable  connection error, timeout, 429 or 5xx (after retries)
+        ├── DownloadTimeout      an image download past ``label_studio.download_timeout_s``
         └── NotYetVisible        a task's 404 soon after its webhook (the import has not
                                  committed): retried from 1 s, never taken for an outage
 
@@ -99,6 +100,11 @@ class NotFoundError(LabelStudioError):
 
 class LabelStudioUnavailable(RetryableError):
     """Label Studio could not be reached, timed out, or answered 429/5xx, after retries."""
+
+
+class DownloadTimeout(RetryableError):
+    """An image download (redirects and retries included) that took longer than its deadline:
+    a slow or stalled image host, retried like any transient failure until its attempts end."""
 
 
 class NotYetVisible(RetryableError):

@@ -46,6 +46,7 @@ def make_client(config: Config) -> LabelStudioClient:
         config.require(ls.token, "label_studio.token"),
         ls.token_type,
         timeout_s=ls.timeout_s,
+        download_timeout_s=ls.download_timeout_s,
     )
 
 

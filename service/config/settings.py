@@ -72,6 +72,9 @@ class LabelStudioConfig:
     token: str | MissingEnv | None = None
     token_type: TokenType = "auto"
     timeout_s: float = 30.0
+    # A whole image download, redirects and retries included: a host that trickles bytes
+    # would otherwise hold its job (and its slot) for as long as it likes.
+    download_timeout_s: float = 60.0
 
 
 def url_problem(url: str) -> str | None:

@@ -19,7 +19,7 @@ import httpx
 
 from service.config import LabelStudioConfig
 from service.constants import TokenType
-from service.errors import LabelStudioError, NotFoundError
+from service.errors import DownloadTimeout, LabelStudioError, NotFoundError
 from service.labelstudio.parse import (
     _content_kind,
     _error_detail,
@@ -70,7 +70,9 @@ class LabelStudioClient:
         max_backoff_s: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        download_timeout_s: float = LabelStudioConfig.download_timeout_s,
     ) -> None:
+        self.download_timeout_s = download_timeout_s
         self._sender = Sender(
             base_url,
             token,
@@ -449,9 +451,41 @@ class LabelStudioClient:
 
     # -- files --------------------------------------------------------------------------------
 
+    def serves(self, url: str) -> bool:
+        """Whether Label Studio itself answers a download of this task URL (a root-relative
+        path, its own host, a cloud URI it resolves): the worker counts those against Label
+        Studio's load, and other hosts' downloads not."""
+        url = url.strip()
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        if scheme in CLOUD_SCHEMES or (url.startswith("/") and not url.startswith("//")):
+            return True
+        try:
+            return self._sender.is_label_studio(httpx.URL(url))
+        except httpx.InvalidURL:
+            return False
+
     async def download(
-        self, task_id: int, url: str, *, max_bytes: int = DEFAULT_MAX_BYTES
+        self,
+        task_id: int,
+        url: str,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        timeout_s: float | None = None,
     ) -> bytes:
+        """The bytes behind a task data URL (see ``_download``), within ``timeout_s`` (default:
+        the client's ``download_timeout_s``) for the whole download: redirects, retries and
+        every byte. A host that trickles its answer raises ``DownloadTimeout`` (retryable)
+        instead of holding the job for as long as it likes."""
+        limit = self.download_timeout_s if timeout_s is None else timeout_s
+        try:
+            async with asyncio.timeout(limit) as deadline:
+                return await self._download(task_id, url, max_bytes)
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise
+            raise DownloadTimeout(f"download of {_shown_url(url)} took over {limit:g} s") from exc
+
+    async def _download(self, task_id: int, url: str, max_bytes: int) -> bytes:
         """The bytes behind a task data URL.
 
         ``/data/upload/...``, ``/data/local-files/?d=...`` and absolute URLs on Label Studio's
@@ -495,3 +529,13 @@ class LabelStudioClient:
                 f"has no such object ({exc})",
                 404,
             ) from exc
+
+
+def _shown_url(url: str) -> str:
+    """A task URL fit for a job's reason: no query string (signatures), no user:password@."""
+    shown = _strip_query(url.strip())
+    scheme, sep, rest = shown.partition("://")
+    authority, slash, path = rest.partition("/")
+    if sep and "@" in authority:
+        shown = f"{scheme}://{authority.rsplit('@', 1)[1]}{slash}{path}"
+    return shown[:300]

@@ -5,7 +5,8 @@ Three stages overlap so the model is never idle while there is work:
 - *prepare*: the jobs claimed together (at least a model batch while others are in flight)
   are re-read from Label Studio in one list request per project (``service/worker/tasks.py``:
   a task a person annotated or that holds a prediction of this model_version is skipped);
-  then each image is downloaded (up to ``concurrency`` at once) and decoded;
+  then each image is downloaded, within ``label_studio.download_timeout_s``, and decoded
+  (downloads never wait for the slots of Label Studio's API calls: see ``__init__``);
 - *infer* (one at a time): batch the prepared images, up to ``model.batch_size``, waiting only
   ``batch_wait_s`` for a batch to fill, and run the model in a thread;
 - *post* (one group at a time): take whatever results wait (up to four model batches),
@@ -129,7 +130,14 @@ class Worker:
         self._results: asyncio.Queue[_Result] = asyncio.Queue()
         self._posting: list[_Result] = []  # in a post now
         self._tasks: set[asyncio.Task[None]] = set()
+        # Label Studio API calls (list reads, re-checks, posts): ``concurrency`` at once.
         self._io = asyncio.Semaphore(settings.worker.concurrency)
+        # Downloads never take those slots, or a few slow image hosts stall every project.
+        # Files Label Studio serves itself get ``concurrency`` slots of their own (its load
+        # stays bounded, at twice ``concurrency`` requests); other hosts' downloads are bounded
+        # by the jobs held and each by ``download_timeout_s``, so a slow host holds only the
+        # jobs whose images it serves.
+        self._ls_files = asyncio.Semaphore(settings.worker.concurrency)
         self._batch: list[_Prepared] = []  # in the model right now
 
     @property
@@ -262,13 +270,14 @@ class Worker:
 
     async def _prepare(self, job: Job, task: Task, started: float) -> None:
         try:
-            async with self._io:
-                target = self._target(job)
-                url = task.data.get(target.data_key)
-                if not isinstance(url, str) or not url:
-                    raise PermanentError(
-                        f"task has no image URL under data key {target.data_key!r}"
-                    )
+            target = self._target(job)
+            url = task.data.get(target.data_key)
+            if not isinstance(url, str) or not url:
+                raise PermanentError(f"task has no image URL under data key {target.data_key!r}")
+            if self.client.serves(url):
+                async with self._ls_files:
+                    data = await self.client.download(task.id, url)
+            else:
                 data = await self.client.download(task.id, url)
             image = await asyncio.to_thread(
                 decode_image,
