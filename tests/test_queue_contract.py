@@ -348,6 +348,31 @@ def test_retry_later_gives_up_at_max_attempts(queue: JobQueue, clock: FakeClock)
     assert queue.recent_failures() == [results[-1]]
 
 
+def test_waiting_retries_lists_the_jobs_tried_and_queued_again_with_their_reason(
+    queue: JobQueue, clock: FakeClock
+) -> None:
+    queue.enqueue(3, [1, 2, 3, 4, 5], "v1")
+    first, second, third, fourth = queue.claim(4)
+    assert queue.waiting_retries() == []
+    queue.retry_later(first.id, "download of http://img.test/1.png took over 60 s", 30)
+    clock.advance(1)
+    later = queue.retry_later(second.id, "Label Studio 503", 30)
+    queue.mark_failed(third.id, "bad image")  # failed: listed by recent_failures instead
+    queue.release(fourth.id)  # given back untried: nothing to wait for
+    waiting = queue.waiting_retries()
+    assert [(job.task, job.attempts, job.reason) for job in waiting] == [
+        (2, 1, "Label Studio 503"),
+        (1, 1, "download of http://img.test/1.png took over 60 s"),
+    ]
+    assert waiting[0] == later
+    assert queue.waiting_retries(1) == [later]
+    with pytest.raises(ValueError, match="limit"):
+        queue.waiting_retries(-1)
+    clock.advance(100)
+    assert len(queue.claim(5)) == 4  # claimed again: running, not waiting
+    assert queue.waiting_retries() == []
+
+
 def test_the_attempt_limit_is_the_one_the_queue_is_opened_with(
     queue_factory: QueueFactory,
 ) -> None:

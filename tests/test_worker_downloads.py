@@ -6,6 +6,8 @@ host beside it trickles its answer a few bytes at a time, as a hostile or broken
 from __future__ import annotations
 
 import asyncio
+import io
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -21,10 +23,11 @@ from test_worker_faults import (
     make_worker,
 )
 
-from service.config import ModelConfig, PredictionConfig
+from service.commands.ops import status
+from service.config import Config, ModelConfig, PredictionConfig
 from service.errors import DownloadTimeout
 from service.model.torchscript import SegmentationModel
-from service.queue import JobState, SQLiteJobQueue
+from service.queue import JobState, SQLiteJobQueue, open_queue
 
 # A public address literal: the image host is "another host" to every check of the client.
 SLOW_HOST = "93.184.215.14"
@@ -132,3 +135,28 @@ def test_the_deadline_covers_the_whole_download_and_is_retryable() -> None:
             assert str(raised.value) == f"download of https://{SLOW_HOST}/a.png took over 0.2 s"
 
     asyncio.run(main())
+
+
+def test_status_lists_the_jobs_waiting_for_a_retry_with_their_last_reason(tmp_path: Path) -> None:
+    config = Config(
+        source=tmp_path / "config.yaml",
+        model=ModelConfig(path=tmp_path / "m.pt", labels=("a",)),
+        state_dir=tmp_path / "state",
+    )
+    reason = f"download of http://{SLOW_HOST}/img/1.png took over 60 s"
+    with open_queue(config) as queue:
+        queue.enqueue(PROJECT, [1, 2, 3], "v1")
+        slow, failing = queue.claim(2)
+        queue.retry_later(slow.id, reason, 30)
+        queue.mark_failed(failing.id, "bad image")
+    out = io.StringIO()
+    counts = status(config, out)
+    assert counts[JobState.QUEUED] == 2 and counts[JobState.FAILED] == 1
+    lines = out.getvalue().splitlines()
+    waiting = lines.index("waiting for a retry:")
+    assert re.fullmatch(
+        rf"  next try \S+ \S+ project {PROJECT} task 1 \(attempts 1\): {re.escape(reason)}",
+        lines[waiting + 1],
+    ), lines
+    assert lines[waiting + 2] == "recent failures:", lines
+    assert lines[waiting + 3].endswith(f"project {PROJECT} task 2 (attempts 1): bad image")

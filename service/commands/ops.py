@@ -14,7 +14,7 @@ from service.errors import ConfigError, LabelStudioError
 from service.intake.reconcile import reconcile
 from service.labelstudio.webhooks import ensure_webhook
 from service.model import load_segmenter
-from service.queue import JobState, existing_queue, open_queue
+from service.queue import Job, JobState, existing_queue, open_queue
 from service.server import check_projects, make_client
 from service.worker import Worker, WorkerSettings
 
@@ -78,22 +78,35 @@ async def backfill(config: Config, project: int | None, out: TextIO) -> dict[Job
 
 
 def status(config: Config, out: TextIO, failures: int = 20) -> dict[JobState, int]:
-    """Jobs by state and the most recent failures with their reasons; needs no token."""
+    """Jobs by state, the jobs waiting for a retry and the most recent failures, each with its
+    last reason (why work is stuck shows before it fails); needs no token."""
     found = existing_queue(config)
     if found is None:
         print(f"no job queue in {config.state_dir} yet: `serve` or `backfill` creates it", file=out)
         return {state: 0 for state in JobState}
     with found as queue:
         counts = queue.counts()
+        waiting = queue.waiting_retries(failures)
         recent = queue.recent_failures(failures)
     print("jobs: " + ", ".join(f"{state.value} {counts[state]}" for state in JobState), file=out)
-    if recent:
-        print("recent failures:", file=out)
-    for job in recent:
-        when = dt.datetime.fromtimestamp(job.updated_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        print(
-            f"  {when} project {job.project} task {job.task} (attempts {job.attempts}): "
-            f"{job.reason}",
-            file=out,
-        )
+    for title, jobs, retry in (
+        ("waiting for a retry", waiting, True),
+        ("recent failures", recent, False),
+    ):
+        if jobs:
+            print(f"{title}:", file=out)
+        for job in jobs:
+            print(_job_line(job, retry), file=out)
     return counts
+
+
+def _job_line(job: Job, retry: bool) -> str:
+    when = _when(job.not_before if retry else job.updated_at)
+    state = f"next try {when}" if retry else when
+    return (
+        f"  {state} project {job.project} task {job.task} (attempts {job.attempts}): {job.reason}"
+    )
+
+
+def _when(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")

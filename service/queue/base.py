@@ -28,9 +28,10 @@ States::
 
 ``JobQueue`` holds exactly what its users call: the webhook (``accept``), the worker
 (``claim``, ``mark_*``, ``retry_later``, ``release``, ``next_due``, ``pending``), reconcile
-(``enqueue``), ``status``/``backfill`` (``counts``, ``recent_failures``, ``pending``,
-``recover``), the metrics (``counts``) and the benchmarks (``span``), plus ``get`` for the
-contract suite. Every implementation passes ``tests/test_queue_contract.py``.
+(``enqueue``), ``status``/``backfill`` (``counts``, ``recent_failures``,
+``waiting_retries``, ``pending``, ``recover``), the metrics (``counts``) and the benchmarks
+(``span``), plus ``get`` for the contract suite. Every implementation passes
+``tests/test_queue_contract.py``.
 ``SQLiteJobQueue`` (``service/queue/sqlite.py``) keeps the journal in one SQLite file.
 """
 
@@ -149,6 +150,11 @@ class JobQueue(Protocol):
 
     def recent_failures(self, limit: int = 20) -> list[Job]:
         """Failed jobs, the most recently failed first."""
+        ...
+
+    def waiting_retries(self, limit: int = 20) -> list[Job]:
+        """Queued jobs that were tried and wait for another attempt (``attempts`` > 0, a
+        ``reason``), the most recently retried first: why work is stuck, before it fails."""
         ...
 
     def span(self) -> QueueSpan:

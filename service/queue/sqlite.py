@@ -463,6 +463,16 @@ class SQLiteJobQueue(JobQueue):
             ).fetchall()
         return [row_to_job(row) for row in rows]
 
+    def waiting_retries(self, limit: int = 20) -> list[Job]:
+        checks.limit(limit)
+        with self._locked("waiting_retries") as conn:
+            rows = conn.execute(
+                f"SELECT {COLUMNS} FROM jobs WHERE state = 'queued' AND attempts > 0"
+                " AND reason IS NOT NULL ORDER BY updated_at DESC, id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [row_to_job(row) for row in rows]
+
     def span(self) -> QueueSpan:
         with self._locked("span") as conn:
             jobs, first_task, last_task, first_created, last_created = conn.execute(
