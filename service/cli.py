@@ -39,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs each request's whole URL at INFO: image passwords, presigned signatures.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         code: int = args.handler(args)
     except AutosegError as exc:

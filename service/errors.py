@@ -16,6 +16,8 @@
     │   ├── ModelError           the model file or its output does not fit the contract
     │   ├── RLEError             a mask or RLE stream that the brush format cannot hold
     │   ├── ProjectMismatchError names or labels that the project's label config lacks
+    │   ├── RefusedURL           an image URL the task may not make us fetch (an internal
+    │   │                        address, a Label Studio path that is not a file)
     │   └── LabelStudioError     Label Studio answered 4xx (other than 429)
     │       ├── AuthError        401/403: bad, expired or mixed-up token; message says why
     │       └── NotFoundError    404: a task, project or file that is not (yet) there
@@ -80,6 +82,12 @@ class RLEError(PermanentError):
 
 class ProjectMismatchError(PermanentError):
     """from_name, to_name or label values that the project's label config does not have."""
+
+
+class RefusedURL(PermanentError):
+    """An image URL from task data that points where the service must not go: an address that
+    is not public (and not in ``label_studio.allowed_image_hosts``), or a Label Studio path
+    other than its file endpoints. The message names the setting that would allow it."""
 
 
 class LabelStudioError(PermanentError):

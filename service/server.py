@@ -47,6 +47,7 @@ def make_client(config: Config) -> LabelStudioClient:
         ls.token_type,
         timeout_s=ls.timeout_s,
         download_timeout_s=ls.download_timeout_s,
+        allowed_image_hosts=ls.allowed_image_hosts,
     )
 
 

@@ -244,6 +244,7 @@ def every_field_set(tmp_path: Path) -> dict[str, Any]:
             token_type="pat",
             timeout_s=12.5,
             download_timeout_s=7.5,
+            allowed_image_hosts=("images.internal", "10.0.0.0/8"),
         ),
         "projects": (
             ProjectConfig(id=7, from_name="tag", to_name="image", label_map={"a": "A"}),

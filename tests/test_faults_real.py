@@ -16,10 +16,13 @@ import dataclasses
 import io
 import signal
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import numpy as np
@@ -370,4 +373,74 @@ def test_sigkill_during_inference_or_posting_then_restart(
     if moment == "posting":
         # Found, not re-posted (a POST forwarded just before the kill may land after the count).
         assert service.status()[0]["skipped"] >= landed, text
+    assert service.stop() == 0
+
+
+class _Canary(BaseHTTPRequestHandler):
+    """An internal service on the loopback: it records every request that reaches it."""
+
+    hits: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.hits.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_task_data_cannot_point_the_service_at_internal_urls(
+    start_env: StartEnv, proxy: FaultProxy, ls_client: MakeClient
+) -> None:
+    env = start_env()
+    service = env.service
+    canary = ThreadingHTTPServer(("127.0.0.1", 0), _Canary)
+    _Canary.hits = []
+    threading.Thread(target=canary.serve_forever, daemon=True).start()
+    own = service.url  # http://127.0.0.1:<its port>
+    hostile = {
+        "metrics": f"{own}/metrics",
+        "admin": f"http://127.0.0.1:{canary.server_port}/admin/shutdown",
+        "credentials": f"http://alice:s3cretpw@127.0.0.1:{canary.server_port}/a.png",
+        "api": "/api/users/",
+        "dotdot": f"/data/upload/{env.project}/../../../api/users/",
+    }
+
+    async def import_hostile() -> dict[str, int]:
+        async with ls_client() as ls:
+            ids = await ls.import_tasks(
+                env.project, [{"data": {"image": u}} for u in hostile.values()]
+            )
+        return dict(zip(hostile, ids, strict=True))
+
+    try:
+        pictures = upload(ls_client, env.project, names("img", range(4)))
+        bad = asyncio.run(import_hostile())
+        tasks = wait_for_predictions(ls_client, env.project, 4)
+        until(lambda: service.status()[0]["failed"] == len(hostile), 60, "the hostile jobs to fail")
+    finally:
+        canary.shutdown()
+        canary.server_close()
+    assert _Canary.hits == []
+    assert proxy.count("GET", r"/api/users") == 0
+    by_id = {t.id: t for t in tasks}
+    for task_id in bad.values():
+        assert by_id.pop(task_id).total_predictions == 0
+    assert_correct(list(by_id.values()), pictures, set())
+
+    text = assert_all_settled(env, 4 + len(hostile), failed=len(hostile))
+    reasons = {
+        name: next(line for line in text.splitlines() if f" task {task} " in line)
+        for name, task in bad.items()
+    }
+    for name in ("metrics", "admin", "credentials"):
+        assert "127.0.0.1, a loopback address" in reasons[name], reasons[name]
+        assert "label_studio.allowed_image_hosts" in reasons[name], reasons[name]
+    assert f"{own}/metrics" in reasons["metrics"]
+    for name in ("api", "dotdot"):
+        assert "Label Studio is asked only for files" in reasons[name], reasons[name]
+    log = service.log.read_text()
+    assert "s3cretpw" not in text and "s3cretpw" not in log
+    assert service.alive() and service.get("/ready").status_code == 200
     assert service.stop() == 0

@@ -28,6 +28,7 @@ from service.config.settings import (
     ServerConfig,
     Thresholds,
     WorkerConfig,
+    image_host_problem,
     url_problem,
 )
 from service.errors import ConfigError
@@ -228,7 +229,12 @@ def _parse_label_studio(s: Section[LabelStudioConfig]) -> LabelStudioConfig:
     problem = url_problem(url)
     if problem:
         raise s.error("url", problem)
-    return s.build({"url": url})
+    hosts = tuple(s.str_list("allowed_image_hosts"))
+    for entry in hosts:
+        problem = image_host_problem(entry)
+        if problem:
+            raise s.error("allowed_image_hosts", f"item {problem}")
+    return s.build({"url": url, "allowed_image_hosts": hosts})
 
 
 def _parse_projects(raw: object, source: Path) -> tuple[ProjectConfig, ...]:

@@ -7,6 +7,8 @@ Each dataclass owns its section's keys (its fields) and their defaults; the load
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +77,9 @@ class LabelStudioConfig:
     # A whole image download, redirects and retries included: a host that trickles bytes
     # would otherwise hold its job (and its slot) for as long as it likes.
     download_timeout_s: float = 60.0
+    # Image hosts (names) or networks (CIDRs) fetched although they are not public addresses:
+    # task data is written by whoever may import tasks, so internal addresses are refused.
+    allowed_image_hosts: tuple[str, ...] = ()
 
 
 def url_problem(url: str) -> str | None:
@@ -82,6 +87,22 @@ def url_problem(url: str) -> str | None:
     None."""
     if not url.lower().startswith(HTTP_SCHEMES):
         return f"must start with {' or '.join(HTTP_SCHEMES)}, got {url!r}"
+    return None
+
+
+_HOST_NAME = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)(\.(?!-)[a-z0-9_-]{1,63}(?<!-))*\.?", re.I)
+
+
+def image_host_problem(entry: str) -> str | None:
+    """Why ``entry`` of ``label_studio.allowed_image_hosts`` is neither a host name nor an
+    address or network (``10.0.0.0/8``), or None."""
+    try:
+        ipaddress.ip_network(entry.strip("[]"), strict=False)
+        return None
+    except ValueError:
+        pass
+    if "/" in entry or not _HOST_NAME.fullmatch(entry):
+        return f"{entry!r} is neither a host name nor an address or network (10.0.0.0/8)"
     return None
 
 

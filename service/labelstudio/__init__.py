@@ -8,6 +8,7 @@ those above it:
     types.py      frozen dataclasses (Project, Task, PredictionIn, ...) and the API's numbers
     parse.py      Label Studio's JSON -> those values, checked once
     auth.py       tokens; the httpx.Auth flow (legacy Token, or PAT -> refreshed Bearer)
+    urls.py       which image URLs task data may make us fetch, and the address to connect to
     transport.py  sending: retries, redirects, bounded reads, the token's origin, errors
     client.py     LabelStudioClient: one method per API call
 
@@ -21,6 +22,7 @@ Errors follow ``service.errors``::
     (except 1.23.2's 500s that are really permanent: unknown upload -> NotFoundError,
     unresolvable webhook host -> LabelStudioError)
     download over ``max_bytes``      -> ImageError
+    image URL to an internal address or a Label Studio path that is not a file -> RefusedURL
 
 Authentication: a Personal Access Token (a JWT refresh token) is exchanged at
 ``POST /api/token/refresh/`` for a 5-minute access token sent as ``Bearer``; a legacy key is sent

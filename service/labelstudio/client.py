@@ -48,6 +48,7 @@ from service.labelstudio.types import (
     Task,
     Webhook,
 )
+from service.labelstudio.urls import ImageHosts, Resolver, system_resolver
 
 
 class LabelStudioClient:
@@ -68,6 +69,8 @@ class LabelStudioClient:
         retries: int = 5,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        allowed_image_hosts: Sequence[str] = LabelStudioConfig.allowed_image_hosts,
+        resolver: Resolver = system_resolver,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         download_timeout_s: float = LabelStudioConfig.download_timeout_s,
@@ -83,6 +86,7 @@ class LabelStudioClient:
             max_backoff_s=max_backoff_s,
             transport=transport,
             sleep=sleep,
+            image_hosts=ImageHosts(tuple(allowed_image_hosts), resolver),
         )
         self.base_url = self._sender.base_url
         self.token_type = self._sender.credentials.token_type
@@ -492,7 +496,9 @@ class LabelStudioClient:
         own host are fetched with the token; other http(s) hosts without it (also after a
         redirect back); ``s3://``, ``gs://`` and ``azure-blob://`` URIs through
         ``/tasks/{task_id}/resolve/``, whose presigned redirect is followed without the token.
-        More than ``max_bytes`` raises ImageError.
+        More than ``max_bytes`` raises ImageError. Whoever imports tasks writes these URLs:
+        each hop is checked first (``urls``: Label Studio's file paths only, other hosts only
+        at public or ``allowed_image_hosts`` addresses), else RefusedURL.
         """
         url = url.strip()
         scheme = url.split("://", 1)[0].lower() if "://" in url else ""

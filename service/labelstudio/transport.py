@@ -8,12 +8,15 @@ follow up to ``_MAX_REDIRECTS`` redirects by hand and stop at ``max_bytes``.
 
 The token goes only to Label Studio's own origin (scheme, host and port of the base URL): other
 hosts and presigned URLs are fetched without it, and once a download's redirects leave Label
-Studio the token never comes back for that download.
+Studio the token never comes back for that download. Every hop of a download is first checked
+by ``urls`` (file paths only on Label Studio, public or allowed addresses elsewhere) and goes to
+the address that was checked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,9 +36,11 @@ from service.errors import (
     LabelStudioError,
     LabelStudioUnavailable,
     NotFoundError,
+    RefusedURL,
 )
 from service.labelstudio.auth import _NEW_PAT_HINT, Credentials, detect_token_type
 from service.labelstudio.parse import _content_kind, _error_detail, _is_json
+from service.labelstudio.urls import ImageHosts, label_studio_path_problem, shown_url
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,7 @@ class Sender:
         max_backoff_s: float,
         transport: httpx.AsyncBaseTransport | None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        image_hosts: ImageHosts | None = None,
     ) -> None:
         base = base_url.strip().rstrip("/")
         problem = url_problem(base)
@@ -93,6 +99,7 @@ class Sender:
         self._max_backoff_s = max_backoff_s
         self._sleep = sleep
         self._random = random.Random()
+        self._image_hosts = image_hosts or ImageHosts()
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s),
             transport=transport,
@@ -143,6 +150,8 @@ class Sender:
         external: bool = False,
         shown: str | None = None,
         retries: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        extensions: dict[str, Any] | None = None,
     ) -> httpx.Response:
         """One request with retries. Returns 1xx-3xx and ``allow``-ed answers, raises for the
         rest. With ``stream`` the returned response is open: the caller closes it."""
@@ -151,7 +160,13 @@ class Sender:
         attempt = 0
         while True:
             request = self._http.build_request(
-                method, url, params=params, json=json_body, files=files
+                method,
+                url,
+                params=params,
+                json=json_body,
+                files=files,
+                headers=headers,
+                extensions=extensions,
             )
             retry_after: float | None = None
             try:
@@ -269,9 +284,18 @@ class Sender:
         """GET a file, following redirects by hand with the token only while on Label Studio's
         origin; ``shown`` names it in messages, over ``max_bytes`` raises ImageError."""
         with_auth = self.is_label_studio(target)
-        for _ in range(_MAX_REDIRECTS + 1):
+        for hop in range(_MAX_REDIRECTS + 1):
+            where = shown if hop == 0 else f"{shown} (redirected to {_strip_query(str(target))})"
+            connect_to, headers, extensions = await self._checked(target, where)
             response = await self.send(
-                "GET", target, auth=with_auth, stream=True, external=not with_auth, shown=shown
+                "GET",
+                connect_to,
+                auth=with_auth,
+                stream=True,
+                external=not with_auth,
+                shown=shown,
+                headers=headers,
+                extensions=extensions,
             )
             try:
                 if response.status_code in _REDIRECT_CODES:
@@ -294,6 +318,38 @@ class Sender:
             finally:
                 await response.aclose()
         raise LabelStudioError(f"GET {shown}: more than {_MAX_REDIRECTS} redirects")
+
+    async def _checked(
+        self, target: httpx.URL, where: str
+    ) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
+        """Where to send one hop of a download, with its Host header and TLS name; RefusedURL
+        for a URL that task data must not make us fetch (``urls``).
+
+        A ``user:password@`` goes in an Authorization header, never in the URL sent: httpx
+        logs URLs whole."""
+        on_label_studio = self.is_label_studio(target)
+        headers: dict[str, str] = {}
+        if target.userinfo:
+            if not on_label_studio:  # there the token's header wins
+                pair = f"{target.username}:{target.password}".encode()
+                headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+            target = target.copy_with(userinfo=b"")
+        if on_label_studio:
+            problem = label_studio_path_problem(target, self._base.path)
+            if problem is not None:
+                raise RefusedURL(f"GET {where}: refused: {problem}")
+            return target, headers, {}
+        if target.scheme not in ("http", "https"):
+            raise RefusedURL(f"GET {where}: refused: only http and https URLs are fetched")
+        address = await self._image_hosts.address(target, where)
+        if address is None:
+            return target, headers, {}
+        # Connect to the address just checked: resolving the name again would let a second
+        # DNS answer point somewhere else. The name still goes in Host and in TLS (SNI and
+        # certificate check).
+        headers["Host"] = target.netloc.decode("ascii")
+        extensions = {"sni_hostname": target.raw_host.decode("ascii")}
+        return target.copy_with(host=address), headers, extensions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,8 +390,9 @@ def _webhook_refused(response: httpx.Response, url: str | None) -> httpx.Respons
 
 
 def _strip_query(url: str) -> str:
-    """A URL fit for messages: query strings may carry signatures."""
-    return url.split("?", 1)[0].split("#", 1)[0]
+    """A URL fit for messages: query strings may carry signatures, ``user:password@`` a
+    password."""
+    return shown_url(url)
 
 
 async def _read_error_body(response: httpx.Response) -> httpx.Response:
