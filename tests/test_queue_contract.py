@@ -428,8 +428,79 @@ def test_recover_requeues_jobs_left_running_by_a_dropped_queue(
     assert restarted.counts()[JobState.RUNNING] == 0
     assert restarted.recover() == 0
     assert [job.task for job in claimed] == [1, 2, 3]
-    again = restarted.claim(10)
-    assert [(job.task, job.attempts) for job in again] == [(1, 2), (2, 2), (3, 2), (4, 1)]
+    again = []
+    while jobs := restarted.claim(10):
+        again.append([(job.task, job.attempts) for job in jobs])
+        for job in jobs:
+            restarted.mark_done(job.id)
+    # Each job the crash left running alone (any may have caused it), then the rest together.
+    assert again == [[(1, 2)], [(2, 2)], [(3, 2)], [(4, 1)]]
+
+
+def test_a_job_left_running_by_a_crash_runs_alone_until_it_settles(
+    queue_factory: QueueFactory, clock: FakeClock
+) -> None:
+    crashed = queue_factory(clock=clock)
+    crashed.enqueue(3, [1, 2, 3], "v1")
+    assert len(crashed.claim(2)) == 2
+    crashed.close()
+    queue = queue_factory(clock=clock)
+    assert queue.recover() == 2
+    queue.enqueue(3, [4, 5], "v1")
+    (first,) = queue.claim(10)
+    assert (first.task, first.attempts, first.suspect) == (1, 2, True)
+    assert queue.claim(10) == []  # nothing beside it, on any handle
+    assert queue_factory(clock=clock).claim(10) == []
+    assert queue.mark_done(first.id).suspect is False  # settled normally: cleared
+    (second,) = queue.claim(10)
+    assert (second.task, second.suspect) == (2, True)
+    assert queue.claim(10) == []
+    assert queue.mark_failed(second.id, "bad image").suspect is False
+    assert [(job.task, job.suspect) for job in queue.claim(10)] == [
+        (3, False),
+        (4, False),
+        (5, False),
+    ]
+
+
+def test_a_suspect_job_keeps_its_mark_until_it_ends_and_waits_for_running_jobs(
+    queue: JobQueue, clock: FakeClock
+) -> None:
+    queue.enqueue(3, [1, 2, 3], "v1")
+    queue.claim(1)
+    assert queue.recover() == 1
+    (suspect,) = queue.claim(10)
+    # A retry proves nothing about the crash (it may not have reached the model).
+    assert queue.retry_later(suspect.id, "Label Studio 503", 10).suspect is True
+    assert [job.task for job in queue.claim(1)] == [2]  # the suspect is not due yet
+    clock.advance(10)
+    assert queue.claim(10) == []  # due, so it waits for job 2, and nothing joins job 2
+    running = queue.get(3, 2, "v1")
+    assert running is not None and running.state is JobState.RUNNING
+    queue.mark_done(running.id)
+    (alone,) = queue.claim(10)
+    assert (alone.task, alone.suspect) == (1, True)
+    assert queue.release(alone.id).suspect is True  # given back unused: still suspect
+    (again,) = queue.claim(10)
+    assert again.task == 1
+    queue.close()
+
+
+def test_a_suspect_job_that_crashes_the_worker_again_stays_suspect_until_it_fails(
+    queue_factory: QueueFactory, clock: FakeClock
+) -> None:
+    queue = queue_factory(clock=clock)
+    queue.enqueue(3, [1, 2], "v1")
+    queue.claim(2)
+    for attempt in range(2, MAX_ATTEMPTS + 1):
+        assert queue.recover() >= 1
+        (job,) = queue.claim(10)
+        assert (job.task, job.attempts, job.suspect) == (1, attempt, True)
+    assert queue.recover() == 0  # the third crash fails it; job 2 waits, queued, suspect
+    failed = queue.get(3, 1, "v1")
+    assert failed is not None and (failed.state, failed.suspect) == (JobState.FAILED, False)
+    (innocent,) = queue.claim(10)
+    assert (innocent.task, innocent.attempts, innocent.suspect) == (2, 2, True)
 
 
 def test_recover_fails_only_the_running_jobs_out_of_attempts(queue: JobQueue) -> None:

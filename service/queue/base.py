@@ -14,6 +14,11 @@ jobs, run them and mark the outcome. The rules:
 - ``claim`` counts the attempt as it hands a job out, so a job that kills the worker still uses
   up its tries; ``recover`` at start-up re-queues what a crash left running and fails a job once
   it has crashed the worker ``max_attempts`` times.
+- A job ``recover`` re-queues is *suspect*: any of those claimed together may have killed the
+  worker (out of memory, a decoder's segfault). ``claim`` hands a due suspect job out alone,
+  once no job is running, and nothing else while it runs, so only the job that kills the
+  worker again spends another attempt, and its neighbours rejoin groups after one try alone.
+  Ending it done, skipped or failed clears the mark; ``retry_later`` and ``release`` keep it.
 - ``release`` gives back a claimed job that was never started (graceful shutdown) without
   counting the attempt.
 
@@ -68,6 +73,7 @@ class Job:
     created_at: float
     updated_at: float
     not_before: float
+    suspect: bool = False  # left running by a crash: ``claim`` hands it out alone
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,10 @@ class JobQueue(Protocol):
         ...
 
     def claim(self, limit: int) -> list[Job]:
-        """Take up to ``limit`` due queued jobs, oldest first, as running; count the attempt."""
+        """Take up to ``limit`` due queued jobs, oldest first, as running; count the attempt.
+
+        A due suspect job comes first and alone, and only once no job is running; while a
+        suspect job runs, nothing is handed out (``[]``, although jobs may be due)."""
         ...
 
     def mark_done(self, job_id: int, reason: str | None = None) -> Job: ...
@@ -129,10 +138,12 @@ class JobQueue(Protocol):
         ...
 
     def recover(self) -> int:
-        """Re-queue jobs a crash left running (or fail them); return how many were re-queued.
+        """Re-queue jobs a crash left running, as suspect (or fail them once out of attempts);
+        return how many were re-queued.
 
-        Call it at start-up, before any worker on this store claims: it cannot tell a job
-        left by a crash from one another live worker is running.
+        Call it at start-up, before any worker on this store claims, and only while no other
+        process works on the store (``service/statelock.py``): it cannot tell a job left by a
+        crash from one another live worker is running.
         """
         ...
 

@@ -29,6 +29,8 @@ from service.queue.sqlite_schema import (
     RETRYABLE_CODES,
     SCHEMA,
     SCHEMA_VERSION,
+    UPGRADES,
+    claim_rows,
     row_to_job,
 )
 
@@ -61,6 +63,7 @@ class _Change:
     reason: str | None
     not_before: float
     attempts: int
+    suspect: bool
 
 
 def _describe(job: Job) -> str:
@@ -142,6 +145,9 @@ class SQLiteJobQueue(JobQueue):
                         f"this program's {SCHEMA_VERSION}; upgrade ls-autoseg"
                     )
                 if version < SCHEMA_VERSION:
+                    for old in range(version, SCHEMA_VERSION) if version else ():
+                        for statement in UPGRADES[old]:
+                            self._conn.execute(statement)
                     for statement in SCHEMA.split(";"):
                         if statement.strip():
                             self._conn.execute(statement)
@@ -290,18 +296,15 @@ class SQLiteJobQueue(JobQueue):
         with self._locked("claim") as conn:
             now = self._clock()
             with self._write():
-                # INDEXED BY: without statistics the planner picks the not_before index and
-                # sorts every due job; walking queued jobs in id order stops after ``limit``.
-                rows = conn.execute(
-                    f"UPDATE jobs SET state = 'running', attempts = attempts + 1,"
-                    f" updated_at = ? WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_state_id"
-                    f" WHERE state = 'queued' AND not_before <= ? ORDER BY id LIMIT ?)"
-                    f" RETURNING {COLUMNS}",
-                    (now, now, limit),
-                ).fetchall()
+                rows = claim_rows(conn, limit, now)
         jobs = sorted((row_to_job(row) for row in rows), key=lambda job: job.id)
         for job in jobs:
-            log.debug("%s: queued -> running (attempt %d)", _describe(job), job.attempts)
+            log.debug(
+                "%s: queued -> running (attempt %d%s)",
+                _describe(job),
+                job.attempts,
+                ", alone: it was running when the worker died" if job.suspect else "",
+            )
         return jobs
 
     def _finish(
@@ -325,12 +328,13 @@ class SQLiteJobQueue(JobQueue):
                 change = decide(before, now)
                 after_row = conn.execute(
                     f"UPDATE jobs SET state = ?, reason = ?, not_before = ?, attempts = ?,"
-                    f" updated_at = ? WHERE id = ? RETURNING {COLUMNS}",
+                    f" suspect = ?, updated_at = ? WHERE id = ? RETURNING {COLUMNS}",
                     (
                         change.state.value,
                         change.reason,
                         change.not_before,
                         change.attempts,
+                        int(change.suspect),
                         now,
                         job_id,
                     ),
@@ -341,7 +345,8 @@ class SQLiteJobQueue(JobQueue):
         after = self._finish(
             job_id,
             f"mark_{state.value}",
-            lambda job, now: _Change(state, reason, job.not_before, job.attempts),
+            # It ran to an outcome without killing the worker: suspect no more.
+            lambda job, now: _Change(state, reason, job.not_before, job.attempts, False),
         )
         level = logging.WARNING if state is JobState.FAILED else logging.INFO
         log.log(
@@ -369,8 +374,9 @@ class SQLiteJobQueue(JobQueue):
         def decide(job: Job, now: float) -> _Change:
             if job.attempts >= self.max_attempts:
                 gave_up = f"gave up after {job.attempts} attempts: {reason}"
-                return _Change(JobState.FAILED, gave_up, job.not_before, job.attempts)
-            return _Change(JobState.QUEUED, reason, now + delay_s, job.attempts)
+                return _Change(JobState.FAILED, gave_up, job.not_before, job.attempts, False)
+            # A retry proves nothing (it may not have reached the model): still suspect.
+            return _Change(JobState.QUEUED, reason, now + delay_s, job.attempts, job.suspect)
 
         after = self._finish(job_id, "retry_later", decide)
         if after.state is JobState.FAILED:
@@ -395,6 +401,7 @@ class SQLiteJobQueue(JobQueue):
                 job.reason if reason is None else reason,
                 job.not_before,
                 max(job.attempts - 1, 0),
+                job.suspect,
             ),
         )
         log.debug("%s: running -> queued (released, attempt not counted)", _describe(after))
@@ -405,13 +412,15 @@ class SQLiteJobQueue(JobQueue):
             now = self._clock()
             with self._write():
                 failed = conn.execute(
-                    f"UPDATE jobs SET state = 'failed', updated_at = ?,"
+                    f"UPDATE jobs SET state = 'failed', updated_at = ?, suspect = 0,"
                     f" reason = 'crashed the worker ' || attempts || ' times'"
                     f" WHERE state = 'running' AND attempts >= ? RETURNING {COLUMNS}",
                     (now, self.max_attempts),
                 ).fetchall()
+                # Suspect: any of them may be what killed the worker, so each runs alone
+                # next (``claim``) and only the one that kills it again spends more attempts.
                 requeued = conn.execute(
-                    f"UPDATE jobs SET state = 'queued', updated_at = ?"
+                    f"UPDATE jobs SET state = 'queued', updated_at = ?, suspect = 1"
                     f" WHERE state = 'running' RETURNING {COLUMNS}",
                     (now,),
                 ).fetchall()
@@ -419,7 +428,7 @@ class SQLiteJobQueue(JobQueue):
             log.warning("%s: running -> failed: %s", _describe(job), job.reason)
         for job in sorted(map(row_to_job, requeued), key=lambda job: job.id):
             log.info(
-                "%s: running -> queued (recovered after a crash, attempt %d of %d)",
+                "%s: running -> queued (recovered after a crash, attempt %d of %d; to run alone)",
                 _describe(job),
                 job.attempts,
                 self.max_attempts,

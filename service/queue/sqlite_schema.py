@@ -1,5 +1,5 @@
-"""The SQLite job queue's tables and how its rows and error codes read, apart from the
-queue's logic in ``sqlite.py``: what a schema change touches is here."""
+"""The SQLite job queue's tables, the rows ``claim`` takes and how rows and error codes read,
+apart from the queue's logic in ``sqlite.py``: what a schema change touches is here."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ import sqlite3
 
 from service.queue.base import Job, JobState
 
-SCHEMA_VERSION = 2  # 2: the inbox table
+SCHEMA_VERSION = 3  # 2: the inbox table; 3: jobs.suspect
 MIN_SQLITE = (3, 38, 0)  # RETURNING (3.35) and built-in JSON (3.38)
 
 COLUMNS = (
-    "id, project, task, model_version, state, attempts, reason, created_at, updated_at, not_before"
+    "id, project, task, model_version, state, attempts, reason, created_at, updated_at,"
+    " not_before, suspect"
 )
 
 # Two indexes for the two hot reads: claim walks queued jobs in id order and stops after
-# ``limit`` due ones; next_due wants the smallest not_before of the queued jobs.
+# ``limit`` due ones; next_due wants the smallest not_before of the queued jobs. A partial
+# index finds the few suspect jobs (left running by a crash) without walking the others.
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
     id            INTEGER PRIMARY KEY,
@@ -27,11 +29,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason        TEXT,
     created_at    REAL    NOT NULL,
     updated_at    REAL    NOT NULL,
-    not_before    REAL    NOT NULL
+    not_before    REAL    NOT NULL,
+    suspect       INTEGER NOT NULL DEFAULT 0  -- 1: left running by a crash, to run alone
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_key ON jobs (project, task, model_version);
 CREATE INDEX IF NOT EXISTS jobs_state_id ON jobs (state, id);
 CREATE INDEX IF NOT EXISTS jobs_state_due ON jobs (state, not_before);
+CREATE INDEX IF NOT EXISTS jobs_suspect ON jobs (id) WHERE suspect = 1;
 CREATE TABLE IF NOT EXISTS inbox (
     id            INTEGER PRIMARY KEY,
     project       INTEGER NOT NULL,
@@ -40,6 +44,13 @@ CREATE TABLE IF NOT EXISTS inbox (
     received_at   REAL    NOT NULL
 );
 """
+
+# What a database of an older version lacks beyond the tables SCHEMA creates if missing:
+# version -> the statements that take it to the next one (run before SCHEMA).
+UPGRADES: dict[int, tuple[str, ...]] = {
+    1: (),  # 2 added the inbox table: SCHEMA creates it
+    2: ("ALTER TABLE jobs ADD COLUMN suspect INTEGER NOT NULL DEFAULT 0",),
+}
 
 # SQLite result codes (the low byte of an extended code) that mean someone else holds the
 # database, or a resource may come back: worth another try later.
@@ -57,6 +68,34 @@ CONFIG_CODES = frozenset(
 )
 
 
+def claim_rows(conn: sqlite3.Connection, limit: int, now: float) -> list[tuple[object, ...]]:
+    """The rows ``claim`` takes, inside its transaction: a due suspect job alone, once no
+    job runs (nothing else meanwhile); else up to ``limit`` due jobs, oldest first."""
+    take = (
+        f"UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_at = ?"
+        f" WHERE id IN ({{}}) RETURNING {COLUMNS}"
+    )
+    suspect = conn.execute(
+        "SELECT id, state FROM jobs INDEXED BY jobs_suspect WHERE suspect = 1"
+        " AND (state = 'running' OR (state = 'queued' AND not_before <= ?))"
+        " ORDER BY state = 'running' DESC, id LIMIT 1",
+        (now,),
+    ).fetchone()
+    if suspect is not None:
+        suspect_id, state = suspect
+        busy = conn.execute("SELECT 1 FROM jobs WHERE state = 'running' LIMIT 1").fetchone()
+        if state == "running" or busy is not None:
+            return []
+        return conn.execute(take.format("?"), (now, suspect_id)).fetchall()
+    # INDEXED BY: without statistics the planner picks the not_before index and sorts
+    # every due job; walking queued jobs in id order stops after ``limit``.
+    due = (
+        "SELECT id FROM jobs INDEXED BY jobs_state_id"
+        " WHERE state = 'queued' AND not_before <= ? ORDER BY id LIMIT ?"
+    )
+    return conn.execute(take.format(due), (now, now, limit)).fetchall()
+
+
 def row_to_job(row: tuple[object, ...]) -> Job:
     (
         job_id,
@@ -69,13 +108,14 @@ def row_to_job(row: tuple[object, ...]) -> Job:
         created_at,
         updated_at,
         not_before,
+        suspect,
     ) = row
     assert isinstance(job_id, int) and isinstance(project, int) and isinstance(task, int)
     assert isinstance(model_version, str) and isinstance(state, str)
     assert isinstance(attempts, int) and (reason is None or isinstance(reason, str))
     # REAL columns may hand back whole numbers as int (e.g. from RETURNING): float() them.
     assert isinstance(created_at, int | float) and isinstance(updated_at, int | float)
-    assert isinstance(not_before, int | float)
+    assert isinstance(not_before, int | float) and suspect in (0, 1)
     return Job(
         id=job_id,
         project=project,
@@ -87,4 +127,5 @@ def row_to_job(row: tuple[object, ...]) -> Job:
         created_at=float(created_at),
         updated_at=float(updated_at),
         not_before=float(not_before),
+        suspect=bool(suspect),
     )

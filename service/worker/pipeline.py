@@ -56,6 +56,8 @@ from service.worker.waits import drain, first
 
 log = logging.getLogger(__name__)
 
+_HELD_BACK_S = 0.05  # the shortest wait after a claim that gave nothing
+
 
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
@@ -124,6 +126,7 @@ class Worker:
         # Claim in groups of at least a model batch while others are held: every claim costs
         # Label Studio one task-list request, whose fixed cost dominates a group of one.
         self._claim_min = min(self.held.capacity, model.batch_size)
+        self._alone = False  # the last claim gave a suspect job: claim no more until it ends
         self._post_max = model.batch_size * 4  # results per post group, at most
         self._wake = asyncio.Event()
         self._ready: asyncio.Queue[_Prepared] = asyncio.Queue()
@@ -190,11 +193,13 @@ class Worker:
                 await self._outage.probe(stop)
                 continue
             free = self.held.room
-            if free <= 0 or (self.busy > 0 and free < self._claim_min):
-                # Full: wait for a held job to settle (not for the queue: it has work due).
+            if free <= 0 or (self.busy > 0 and (free < self._claim_min or self._alone)):
+                # Full, or a suspect job (left running by a crash) must stay alone in its
+                # downloads and its model batch: wait for a held job to settle.
                 await self.held.wait_for_room(stop)
                 continue
             jobs = await asyncio.to_thread(self.queue.claim, free)
+            self._alone = any(job.suspect for job in jobs)
             by_project: dict[int, list[Job]] = {}
             for job in jobs:
                 if self.held.hold(job):
@@ -210,8 +215,14 @@ class Worker:
         due = await asyncio.to_thread(self.queue.next_due)
         if due is not None:
             timeout = min(timeout, max(0.0, due - self.clock()))
+        if timeout <= 0 and self.busy > 0:
+            # Work is due but claim gave none: the queue holds a suspect job back until the
+            # jobs held here end. Asking again before one settles would only spin.
+            await self.held.wait_for_room(stop)
+            return
         self._wake.clear()
-        await first(self._wake.wait(), stop.wait(), timeout=timeout)
+        # At least a moment: a suspect job running elsewhere holds claims back there too.
+        await first(self._wake.wait(), stop.wait(), timeout=max(timeout, _HELD_BACK_S))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
