@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -31,6 +32,7 @@ from service.metrics import Metrics
 from service.model import Segmenter, load_segmenter
 from service.queue import JobQueue, open_queue
 from service.results import BrushTarget, resolve_target
+from service.statelock import StateLock
 from service.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ async def check_projects(
 class Service:
     """The running parts; also the ``ServiceHooks`` the app calls."""
 
+    # Held from build to close: one process works on the state directory (and recovers it).
+    state_lock: StateLock | None = dataclasses.field(default=None, init=False)
     config: Config
     queue: JobQueue
     client: LabelStudioClient
@@ -93,6 +97,18 @@ class Service:
     @classmethod
     async def build(cls, config: Config) -> Service:
         webhook = WebhookSettings.from_config(config)  # before anything slow: it may refuse
+        # Before anything slow too: a second serve on this state_dir exits at once.
+        state_lock = StateLock.acquire(config.state_dir, "serve")
+        try:
+            service = await cls._build(config, webhook)
+        except BaseException:
+            state_lock.release()
+            raise
+        service.state_lock = state_lock
+        return service
+
+    @classmethod
+    async def _build(cls, config: Config, webhook: WebhookSettings) -> Service:
         model = load_segmenter(config.model)
         client = make_client(config)
         try:
@@ -182,6 +198,8 @@ class Service:
     async def close(self) -> None:
         await self.client.aclose()
         self.queue.close()
+        if self.state_lock is not None:
+            self.state_lock.release()
 
 
 class _Server(uvicorn.Server):

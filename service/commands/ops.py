@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
+from collections.abc import Iterator
 from typing import TextIO
 
 from tqdm import tqdm
@@ -16,6 +18,7 @@ from service.labelstudio.webhooks import ensure_webhook
 from service.model import load_segmenter
 from service.queue import Job, JobState, existing_queue, open_queue
 from service.server import check_projects, make_client
+from service.statelock import StateLock, holder
 from service.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -43,14 +46,16 @@ async def register_hooks(config: Config, url: str, out: TextIO) -> None:
 
 async def backfill(config: Config, project: int | None, out: TextIO) -> dict[JobState, int]:
     """One pass over existing tasks: queue the untouched ones and process until the queue is
-    empty. Runs beside a live ``serve`` safely (they share the queue)."""
+    empty. Safe beside a live ``serve``: they share the queue, and only the process holding
+    the state directory's lock recovers jobs a crash left running (see ``_lock_if_free``)."""
     model = load_segmenter(config.model)
     async with make_client(config) as client:
         targets = await check_projects(config, client, model.labels)
         if project is not None and project not in targets:
             raise ConfigError(f"project {project} is not in {config.source}")
-        with open_queue(config) as queue:
-            queue.recover()
+        with _lock_if_free(config, out) as owner, open_queue(config) as queue:
+            if owner:
+                queue.recover()
             before = queue.counts()
             for project_id in [project] if project is not None else list(targets):
                 new = await reconcile(client, queue, project_id, config.prediction.model_version)
@@ -75,6 +80,24 @@ async def backfill(config: Config, project: int | None, out: TextIO) -> dict[Job
         file=out,
     )
     return changed
+
+
+@contextlib.contextmanager
+def _lock_if_free(config: Config, out: TextIO) -> Iterator[bool]:
+    """Hold the state directory's lock if it is free (True: no other process works on it, so
+    backfill may recover what a crash left running). Beside a running ``serve``: False, and
+    backfill only claims queued jobs, never the running ones that ``serve`` holds."""
+    lock = StateLock.try_acquire(config.state_dir, "backfill")
+    if lock is None:
+        print(
+            f"state_dir {config.state_dir} is in use by {holder(config.state_dir)}: working"
+            " beside it on queued jobs only",
+            file=out,
+        )
+        yield False
+        return
+    with lock:
+        yield True
 
 
 def status(config: Config, out: TextIO, failures: int = 20) -> dict[JobState, int]:
