@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 
 from service.app import Readiness, create_app
 from service.config import Config
+from service.connections import deadline_protocol
 from service.constants import WEBHOOK_PATH
 from service.errors import AutosegError, ConfigError
 from service.intake import WebhookIntake, WebhookSettings
@@ -239,6 +240,9 @@ def make_server(service: Service) -> uvicorn.Server:
             log_config=None,
             access_log=False,
             lifespan="on",
+            # h11 with a deadline per request: stalled clients cannot pile up connections.
+            http=deadline_protocol(server.request_timeout_s),
+            limit_concurrency=server.max_connections,
         )
     )
 

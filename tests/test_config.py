@@ -146,6 +146,9 @@ def test_labels_with_spaces_dots_and_unicode_are_folder_names(tmp_path: Path) ->
         (MINIMAL + "prediction: {score: 1.5}\n", "score must be between 0 and 1"),
         (MINIMAL + "prediction: {max_pixels: 0}\n", r"max_pixels must be >= 1"),
         (MINIMAL + "server: []\n", "server must be a mapping"),
+        (MINIMAL + "server: {request_timeout_s: 0}\n", r"server\.request_timeout_s must be > 0"),
+        (MINIMAL + "server: {request_timeout_s: .inf}\n", "request_timeout_s must be a finite"),
+        (MINIMAL + "server: {max_connections: 0}\n", r"server\.max_connections must be >= 1"),
     ],
 )
 def test_each_section_checks_its_fields_by_their_types(
@@ -256,6 +259,8 @@ def every_field_set(tmp_path: Path) -> dict[str, Any]:
             webhook_secret="plain-secret",
             allow_unauthenticated=True,
             max_body_bytes=1000,
+            request_timeout_s=2.5,
+            max_connections=50,
         ),
         "state_dir": tmp_path / "elsewhere" / "state",
         "reconcile": ReconcileConfig(on_startup=False, interval_s=60.0),

@@ -258,7 +258,12 @@ def _parse_projects(raw: object, source: Path) -> tuple[ProjectConfig, ...]:
 
 
 def _parse_server(s: Section[ServerConfig]) -> ServerConfig:
-    return s.build(minimum={"port": 0, "max_body_bytes": 1})
+    server = s.build(
+        minimum={"port": 0, "max_body_bytes": 1, "max_connections": 1}, float_minimum=0.0
+    )
+    if server.request_timeout_s == 0:  # no deadline at all is what the setting is against
+        raise s.error("request_timeout_s", "must be > 0")
+    return server
 
 
 def _parse_worker(s: Section[WorkerConfig]) -> WorkerConfig:

@@ -121,6 +121,13 @@ class ServerConfig:
     webhook_secret: str | MissingEnv | None = None
     allow_unauthenticated: bool = False
     max_body_bytes: int = 50_000_000
+    # A connection must deliver a whole request (headers and body) this soon after it opens
+    # or after its previous response, or it is closed: clients that stall mid-request would
+    # otherwise hold their connections for ever.
+    request_timeout_s: float = 10.0
+    # Connections at once; requests over it get 503 (uvicorn's limit_concurrency). A bound
+    # below the process's file descriptors, high above what Label Studio opens.
+    max_connections: int = 1000
 
 
 @dataclass(frozen=True)
