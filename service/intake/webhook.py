@@ -2,8 +2,8 @@
 
 Label Studio sends each ``TASKS_CREATED`` webhook once, with a 1 s timeout, and never
 retries. So the handler does the least that makes the event safe: it checks the shared
-secret, reads the project id and task ids, records them durably in the queue's inbox (one
-row per body; the worker's next claim turns them into one job per task, repeats dropped),
+secret, reads the project id and task ids, records them durably in the queue's inbox (in
+bounded rows; the worker's claims turn them into one job per task, repeats dropped),
 wakes the worker and answers. Everything slow happens in the worker.
 
 Answers (the app's route table is in ``service/app.py``)::
