@@ -35,6 +35,7 @@ from service.queue import JobQueue, open_queue
 from service.results import BrushTarget, resolve_target
 from service.statelock import StateLock
 from service.worker import Worker, WorkerSettings
+from service.worker.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,13 @@ class Service:
     metrics: Metrics
     reconciler: Reconciler
     webhook: WebhookSettings
+    ready_cache_s: float = READY_CACHE_S
 
     def __post_init__(self) -> None:
         self._ready_cache: tuple[float, Readiness] | None = None
+        self._worker_task: asyncio.Task[None] | None = None
+        # The reconcile loop logs and survives a failed pass; this catches the rest.
+        self._supervisor = Supervisor()
 
     @classmethod
     async def build(cls, config: Config) -> Service:
@@ -151,10 +156,12 @@ class Service:
         self.reconciler.request(project)
 
     async def readiness(self) -> Readiness:
+        """Model, worker, queue and Label Studio, each "ok" or why not; answered from a check
+        at most ``ready_cache_s`` old, so that probes load neither Label Studio nor the disk."""
         now = time.monotonic()
-        if self._ready_cache and now - self._ready_cache[0] < READY_CACHE_S:
+        if self._ready_cache and now - self._ready_cache[0] < self.ready_cache_s:
             return self._ready_cache[1]
-        checks = {"model": "ok"}
+        checks = {"model": "ok", "worker": self._worker_state(), "queue": await self._queue_state()}
         if self.worker.outage is not None:
             # the worker is waiting out an outage and probes by itself
             checks["label_studio"] = self.worker.outage
@@ -173,6 +180,27 @@ class Service:
         self._ready_cache = (now, ready)
         return ready
 
+    def _worker_state(self) -> str:
+        task = self._worker_task
+        if task is None:
+            return "the worker is not running"
+        if task.done():
+            failed = None if task.cancelled() else task.exception()
+            return f"the worker stopped: {failed}" if failed else "the worker stopped"
+        return self.worker.problem or "ok"
+
+    async def _queue_state(self) -> str:
+        """One real write: the webhook cannot make task ids durable while it fails."""
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(self.queue.check_writable), READY_PROBE_TIMEOUT_S
+            )
+        except AutosegError as exc:
+            return f"the job queue cannot be written: {exc}"
+        except TimeoutError:
+            return f"a write to the job queue took over {READY_PROBE_TIMEOUT_S:.0f} s"
+        return "ok"
+
     # -- running --------------------------------------------------------------------------
 
     def app(self) -> Starlette:
@@ -182,8 +210,11 @@ class Service:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        worker = asyncio.create_task(self.worker.run(stop), name="worker")
-        reconciler = asyncio.create_task(self.reconciler.run(), name="reconcile")
+        # The worker supervises its own loops; /ready reports a worker task that ended.
+        worker = self._worker_task = asyncio.create_task(self.worker.run(stop), name="worker")
+        reconciler = asyncio.create_task(
+            self._supervisor.run("reconcile", self.reconciler.run, stop), name="reconcile"
+        )
         try:
             yield
         finally:
@@ -192,7 +223,10 @@ class Service:
             reconciler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reconciler
-            await worker
+            try:
+                await worker
+            except Exception:
+                log.exception("the worker had stopped")
             await self.close()
             log.info("stopped")
 

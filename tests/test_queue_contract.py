@@ -373,6 +373,22 @@ def test_waiting_retries_lists_the_jobs_tried_and_queued_again_with_their_reason
     assert queue.waiting_retries() == []
 
 
+def test_check_writable_passes_on_a_usable_store_and_changes_nothing_a_reader_sees(
+    queue_factory: QueueFactory, clock: FakeClock
+) -> None:
+    queue = queue_factory(clock=clock)
+    queue.enqueue(3, [1, 2], "v1")
+    (job,) = queue.claim(1)
+    before = (queue.counts(), queue.span(), queue.get(3, 1, "v1"), queue.next_due())
+    queue.check_writable()
+    queue.check_writable()
+    assert (queue.counts(), queue.span(), queue.get(3, 1, "v1"), queue.next_due()) == before
+    assert queue.mark_done(job.id).state is JobState.DONE  # writes still go through
+    queue.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        queue.check_writable()
+
+
 def test_the_attempt_limit_is_the_one_the_queue_is_opened_with(
     queue_factory: QueueFactory,
 ) -> None:

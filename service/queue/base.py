@@ -35,8 +35,8 @@ States::
 (``claim``, ``mark_*``, ``retry_later``, ``release``, ``next_due``, ``pending``), reconcile
 (``enqueue``), ``status``/``backfill`` (``counts``, ``recent_failures``,
 ``waiting_retries``, ``pending``, ``recover``), the metrics (``counts``) and the benchmarks
-(``span``), plus ``get`` for the contract suite. Every implementation passes
-``tests/test_queue_contract.py``.
+(``span``), ``/ready`` (``check_writable``), plus ``get`` for the contract suite. Every
+implementation passes ``tests/test_queue_contract.py``.
 ``SQLiteJobQueue`` (``service/queue/sqlite.py``) keeps the journal in one SQLite file.
 """
 
@@ -166,6 +166,12 @@ class JobQueue(Protocol):
     def waiting_retries(self, limit: int = 20) -> list[Job]:
         """Queued jobs that were tried and wait for another attempt (``attempts`` > 0, a
         ``reason``), the most recently retried first: why work is stuck, before it fails."""
+        ...
+
+    def check_writable(self) -> None:
+        """Raise what a write would raise now (``RetryableError``: locked by another process
+        past the busy timeout, disk full, I/O error); change nothing that a reader sees.
+        ``/ready``'s probe: the webhook cannot make ids durable while this raises."""
         ...
 
     def span(self) -> QueueSpan:

@@ -482,6 +482,12 @@ class SQLiteJobQueue(JobQueue):
             ).fetchall()
         return [row_to_job(row) for row in rows]
 
+    def check_writable(self) -> None:
+        with self._locked("write check") as conn, self._write():
+            # Rewriting the header's schema version is a real commit (a WAL frame, an fsync):
+            # a full disk or a failing one shows here, and nothing a reader sees changes.
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
     def span(self) -> QueueSpan:
         with self._locked("span") as conn:
             jobs, first_task, last_task, first_created, last_created = conn.execute(

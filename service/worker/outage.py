@@ -48,6 +48,7 @@ class OutageWatch:
         self.limit_s = limit_s
         self.clock = clock
         self.reason: str | None = None
+        self.given_up = False  # ``probe`` raised: the run ends, no supervisor restarts it
         self._since = 0.0
         self._lock = asyncio.Lock()  # jobs failing together ask Label Studio once
 
@@ -87,6 +88,7 @@ class OutageWatch:
             await self.client.verify(retries=0)
         except (RetryableError, AuthError) as exc:
             if self.limit_s is not None and down_s >= self.limit_s:
+                self.given_up = True
                 raise type(exc)(
                     f"Label Studio unusable for {down_s:.0f} s, giving up (queued jobs are "
                     f"kept): {exc}"

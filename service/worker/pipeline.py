@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import PermanentError
+from service.errors import PermanentError, RetryableError
 from service.labelstudio import PredictionIn, Task
 from service.labelstudio.client import LabelStudioClient
 from service.metrics import NoMetrics, WorkerMetrics
@@ -51,6 +51,7 @@ from service.worker.held import Held
 from service.worker.outage import OutageWatch
 from service.worker.settings import WorkerSettings
 from service.worker.settle import Settler
+from service.worker.supervise import Supervisor
 from service.worker.tasks import TaskReader
 from service.worker.waits import drain, first
 
@@ -142,6 +143,7 @@ class Worker:
         # jobs whose images it serves.
         self._ls_files = asyncio.Semaphore(settings.worker.concurrency)
         self._batch: list[_Prepared] = []  # in the model right now
+        self._supervisor = Supervisor()
 
     @property
     def busy(self) -> int:
@@ -159,14 +161,30 @@ class Worker:
 
     # ------------------------------------------------------------------ main loops
 
+    @property
+    def problem(self) -> str | None:
+        """Why one of the worker's loops is not running as it should (for ``/ready``), or None."""
+        return self._supervisor.problem
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Claim and process jobs until ``stop`` is set; then finish or release what is held."""
+        """Claim and process jobs until ``stop`` is set; then finish or release what is held.
+
+        Each loop is supervised: one that raises (the queue locked past its busy timeout, a
+        full disk) is logged and restarted with backoff, and ``problem`` says so meanwhile.
+        Only a one-off run giving up on an outage (``outage_limit_s``) ends it with the error.
+        """
+        supervise = self._supervisor.run
         loops = [
-            asyncio.create_task(self._infer_loop(), name="infer"),
-            asyncio.create_task(self._post_loop(), name="post"),
+            asyncio.create_task(supervise("infer", self._infer_loop), name="infer"),
+            asyncio.create_task(supervise("post", self._post_loop), name="post"),
         ]
         try:
-            await self._claim_loop(stop)
+            await supervise(
+                "claim",
+                lambda: self._claim_loop(stop),
+                stop,
+                fatal=lambda exc: self._outage.given_up,
+            )
         finally:
             await self._shutdown(loops)
 
@@ -176,7 +194,11 @@ class Worker:
         runner = asyncio.create_task(self.run(stop))
         try:
             while True:
-                pending = await asyncio.to_thread(self.queue.pending)
+                try:
+                    pending = await asyncio.to_thread(self.queue.pending)
+                except RetryableError as exc:  # the queue busy for a while: ask again
+                    log.warning("backfill: cannot count the jobs left: %s", exc)
+                    pending = -1
                 if pending == 0 and self.busy == 0:
                     break
                 if runner.done():
@@ -199,6 +221,7 @@ class Worker:
                 await self.held.wait_for_room(stop)
                 continue
             jobs = await asyncio.to_thread(self.queue.claim, free)
+            self._supervisor.ok("claim")
             self._alone = any(job.suspect for job in jobs)
             by_project: dict[int, list[Job]] = {}
             for job in jobs:
@@ -330,6 +353,10 @@ class Worker:
                     results = [reason] * len(batch)
             except asyncio.CancelledError:
                 await self._settler.give_back(item.job for item in batch)
+                raise
+            except Exception as exc:  # a bug here: settle the batch, then the loop restarts
+                for item in batch:
+                    await self._settler.settle(item.job, exc, item.started, reraise=False)
                 raise
             finally:
                 self._batch = []
