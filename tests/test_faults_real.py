@@ -444,3 +444,67 @@ def test_task_data_cannot_point_the_service_at_internal_urls(
     assert "s3cretpw" not in text and "s3cretpw" not in log
     assert service.alive() and service.get("/ready").status_code == 200
     assert service.stop() == 0
+
+
+class _Trickle(BaseHTTPRequestHandler):
+    """An image host that answers 200, then a byte every half second, for ever."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        try:
+            while True:
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+                time.sleep(0.5)
+        except OSError:  # the service gave up on us
+            pass
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_slow_image_hosts_time_out_while_the_other_tasks_flow(
+    start_env: StartEnv, ls_client: MakeClient
+) -> None:
+    slow_host = ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    slow_host.daemon_threads = True
+    threading.Thread(target=slow_host.serve_forever, daemon=True).start()
+    env = start_env(
+        label_studio={"download_timeout_s": 3.0, "allowed_image_hosts": ("127.0.0.1",)},
+        worker={"max_attempts": 2, "retry_base_s": 6.0},
+    )
+    service = env.service
+    slow_urls = [f"http://127.0.0.1:{slow_host.server_port}/slow/{i}.png" for i in range(4)]
+
+    async def import_slow() -> list[int]:
+        async with ls_client() as ls:
+            return await ls.import_tasks(env.project, [{"data": {"image": u}} for u in slow_urls])
+
+    try:
+        # As many slow images as worker.concurrency, queued first: before downloads had slots
+        # of their own, they took every slot Label Studio's calls need, and nothing moved.
+        slow = asyncio.run(import_slow())
+        pictures = upload(ls_client, env.project, names("img", range(8)))
+        tasks = wait_for_predictions(ls_client, env.project, 8, timeout=60)
+        counts, text = service.status()
+        assert counts["failed"] == 0, text  # the others were done while the slow ones hung
+        until(lambda: "waiting for a retry:" in service.status()[1], 30, "a retry to wait")
+        _, text = service.status()
+        assert "took over 3 s" in text.split("waiting for a retry:", 1)[1], text
+        until(lambda: service.status()[0]["failed"] == len(slow), 60, "the slow jobs to fail")
+    finally:
+        slow_host.shutdown()
+        slow_host.server_close()
+    by_id = {t.id: t for t in tasks}
+    for task_id in slow:
+        assert by_id.pop(task_id).total_predictions == 0
+    assert_correct(list(by_id.values()), pictures, set())
+    text = assert_all_settled(env, 8 + len(slow), failed=len(slow))
+    for task_id, url in zip(slow, slow_urls, strict=True):
+        (line,) = [r for r in text.splitlines() if f" task {task_id} " in r]
+        assert line.endswith(f"gave up after 2 attempts: download of {url} took over 3 s"), line
+    assert service.alive() and service.get("/ready").status_code == 200
+    assert service.stop() == 0
