@@ -15,12 +15,12 @@ import json
 import logging
 import sqlite3
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_app import TestClient  # imported there with Starlette's httpx warning silenced
 from test_worker_faults import (
     PROJECT,
     TARGET,
@@ -46,10 +46,6 @@ from service.model.torchscript import SegmentationModel
 from service.queue import JobState, SQLiteJobQueue
 from service.server import Service
 from service.worker.supervise import Supervisor
-
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", r"Using `httpx` with `starlette\.testclient` is deprecated")
-    from starlette.testclient import TestClient
 
 SECRET = "supervise-test-secret"
 TASKS = [1, 2, 3, 4, 5, 6]
