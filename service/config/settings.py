@@ -140,7 +140,7 @@ class ReconcileConfig:
 class WorkerConfig:
     """The operator's choices for the worker: how hard to push Label Studio, how to retry."""
 
-    concurrency: int = 4  # Label Studio requests (and downloads) at once
+    concurrency: int = 4  # Label Studio API requests at once (its file downloads: as many)
     # Label Studio sends TASKS_CREATED from inside the import request; a task read at once
     # was seen (once, on a busy machine) without the annotation imported with it. A job is
     # therefore first read this long after it was queued.
