@@ -11,10 +11,12 @@ import asyncio
 import dataclasses
 import io
 import json
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from ls_fixtures import new_brush_project, tasks_of
@@ -24,6 +26,7 @@ from service.cli import main
 from service.commands.naming import image_file_name
 from service.commands.upload import read_mask
 from service.config import ModelConfig, PredictionConfig, ProjectConfig, write_config
+from service.labelstudio import PredictionIn
 from service.labelstudio.client import LabelStudioClient
 from service.local import lsserver
 from service.results import decode_result
@@ -317,3 +320,99 @@ def test_replace_interrupted_halfway_is_finished_by_a_second_run(
 
     assert main([*run["replace"], "--execute"]) == 0
     assert [t.total_annotations for t in tasks_of(ls_client, setup.project)] == [1, 1, 1, 1]
+
+
+def sign_up_annotator(server: lsserver.LocalLabelStudio) -> tuple[int, str]:
+    """A second user of the organization, signed up through the invite link as a person does;
+    returns their user id and legacy token."""
+    admin = {"Authorization": f"Token {server.legacy_token}"}
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        invite = http.get("/api/invite", headers=admin).json()["token"]
+        http.get("/user/signup/", params={"token": invite})  # sets the CSRF cookie
+        form = {
+            "email": f"annotator-{uuid.uuid4().hex[:8]}@example.com",
+            "password": f"Annotator-{uuid.uuid4().hex[:12]}",
+            "csrfmiddlewaretoken": http.cookies["csrftoken"],
+        }
+        signed_up = http.post("/user/signup/", params={"token": invite}, data=form)
+        assert signed_up.status_code == 302, signed_up.text[:500]
+        user_id = http.get("/api/current-user/whoami").json()["id"]
+        token = http.get("/api/current-user/token").json()["token"]
+    assert isinstance(user_id, int) and isinstance(token, str)
+    return user_id, token
+
+
+def accept_prediction(
+    ls_client: MakeClient, token: str | None, task_id: int, result: list[dict[str, Any]]
+) -> int:
+    """What Label Studio's editor posts when a person submits a prediction unchanged: its
+    results, ``autoseg_`` ids and all, with the prediction it came from and the time spent."""
+
+    async def run() -> int:
+        async with ls_client() as ls:
+            prediction = await ls.create_prediction(
+                PredictionIn(task_id, result, score=0.9, model_version="test-v1")
+            )
+        async with ls_client(token) as person:
+            made = await person.create_annotation(
+                task_id, result, parent_prediction=prediction, lead_time=4.2
+            )
+        return made.id
+
+    return asyncio.run(run())
+
+
+def plan_output(replace: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Write a new plan; what the command printed."""
+    capsys.readouterr()
+    assert main(replace) == 0
+    return capsys.readouterr().out
+
+
+def test_replace_spares_a_prediction_a_person_accepted_and_replaces_its_own(
+    setup: Setup, ls_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = annotate_and_plan(setup, capsys)  # first: a dry-run upload, the payload, a plan
+    ids, payload = run["ids"], json.loads(run["payload"].read_text())
+    results = {p["task"]: p["result"] for p in payload}
+    assert all(r["id"].startswith("autoseg_") for r in results[ids[0]])
+    annotator, token = sign_up_annotator(setup.server)
+
+    # Another user accepts the prediction of the first task, before any plan is written.
+    accepted = accept_prediction(ls_client, token, ids[0], results[ids[0]])
+    out = plan_output(run["replace"], capsys)
+    assert "2 task(s) get a new annotation, 0 annotation(s) deleted, 2 skipped" in out
+    assert f"task {ids[0]}: skipped: has 1 human annotation(s) [{accepted}]" in out
+    assert main([*run["replace"], "--execute"]) == 0
+    ours = {t.id: t.annotations for t in tasks_of(ls_client, setup.project)}
+    assert [len(ours[i] or ()) for i in ids] == [1, 1, 1, 1]
+
+    # The token's own user accepts a prediction in the editor too: a person's act.
+    by_me = accept_prediction(ls_client, None, ids[1], results[ids[1]])
+    out = plan_output(run["replace"], capsys)
+    assert "1 task(s) get a new annotation, 1 annotation(s) deleted, 3 skipped" in out
+    assert f"task {ids[1]}: skipped: has 1 human annotation(s) [{by_me}]" in out
+
+    # A plan edited by hand to delete the annotator's work is refused as a whole.
+    forged = json.loads(run["plan"].read_text())
+    entry = next(e for e in forged["tasks"] if e["task"] == ids[0])
+    entry.update(skip=None, delete=[accepted])
+    forged_path = setup.tmp / "forged.json"
+    forged_path.write_text(json.dumps(forged))
+    forged_run = [forged_path if a == str(run["plan"]) else a for a in run["replace"]]
+    capsys.readouterr()
+    assert main([*map(str, forged_run), "--execute"]) == 1
+    out = capsys.readouterr().out
+    assert f"task {ids[0]}: the plan deletes annotation(s) [{accepted}] made by a person" in out
+
+    assert main([*run["replace"], "--execute"]) == 0
+    after = {t.id: t for t in tasks_of(ls_client, setup.project)}
+    (kept,) = after[ids[0]].annotations or ()
+    assert kept.id == accepted and kept.completed_by == annotator
+    assert [r["id"] for r in kept.result] == [r["id"] for r in results[ids[0]]]
+    assert {a.id for a in after[ids[1]].annotations or ()} == {
+        by_me,
+        *(a.id for a in ours[ids[1]] or ()),
+    }
+    (replaced,) = after[ids[2]].annotations or ()
+    assert replaced.id not in {a.id for a in ours[ids[2]] or ()}

@@ -10,9 +10,9 @@ range) from ``predict``'s mask files, offline. ``replace-annotations`` then work
    annotation before deleting the old ones, and journals each step, so a run that stops
    halfway loses nothing and a second run finishes the job without creating twice.
 
-Annotations made by ls-autoseg (every result id starts with ``autoseg_`` and it was never
-edited) are replaced freely; any other annotation is a person's and is only replaced with
-``--replace-human-annotations``.
+Annotations made by ls-autoseg are replaced freely; any other annotation is a person's and is
+only replaced with ``--replace-human-annotations``. Result ids alone cannot tell them apart: a
+person who accepts a prediction submits its ``autoseg_`` ids unchanged. See :func:`is_ours`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,11 @@ from service.results import BrushTarget, brush_results, resolve_target
 
 log = logging.getLogger(__name__)
 
-PLAN_VERSION = 1
+# 2: plans name the token's user; version 1 plans judged ownership by result ids and timing
+# alone and may list a person's accepted prediction for deletion, so they are refused.
+PLAN_VERSION = 2
+# created_at and updated_at of an annotation never saved again differ by microseconds
+NEVER_UPDATED = timedelta(seconds=2)
 
 
 # --------------------------------------------------------------------------- payload
@@ -104,15 +108,33 @@ def make_payload(options: PayloadOptions, out: TextIO) -> int:
 # --------------------------------------------------------------------------- plan
 
 
-def is_ours(annotation: Annotation) -> bool:
-    """Made by ls-autoseg and never edited since: safe to replace without asking."""
-    if not annotation.result or annotation.was_cancelled:
+def is_ours(annotation: Annotation, user_id: int) -> bool:
+    """Made by ls-autoseg with this token and never changed since: safe to replace unasked.
+
+    All of it must hold: created and last saved by the token's user (``user_id``), through the
+    API rather than the editor (which records the prediction or annotation it started from and
+    the time spent) or an import, every result id ls-autoseg's, and never updated. Anything
+    else is a person's work, including a prediction accepted unchanged, which carries the
+    prediction's ``autoseg_`` ids.
+    """
+    if not annotation.result or annotation.was_cancelled or annotation.ground_truth:
+        return False
+    if annotation.completed_by != user_id or annotation.updated_by not in (None, user_id):
+        return False
+    from_editor = (
+        annotation.parent_prediction is not None
+        or annotation.parent_annotation is not None
+        or annotation.draft_created_at is not None
+        or bool(annotation.lead_time)
+        or annotation.import_id is not None
+    )
+    if from_editor:
         return False
     ids = [str(item.get("id", "")) for item in annotation.result]
     if not all(i.startswith(RESULT_ID_PREFIX) for i in ids):
         return False
     if annotation.created_at and annotation.updated_at:
-        return annotation.updated_at - annotation.created_at < timedelta(seconds=2)
+        return annotation.updated_at - annotation.created_at < NEVER_UPDATED
     return False
 
 
@@ -170,14 +192,16 @@ async def write_plan(
     project = await client.get_project(options.project_id)
     for results in payload.values():
         check_results(project, results)
+    user_id = await client.user_id()
     entries = []
     for task_id in sorted(payload):
         task = await client.get_task(task_id)
-        entries.append(_plan_entry(task, options, payload[task_id]))
+        entries.append(_plan_entry(task, options, payload[task_id], user_id))
     plan = {
         "version": PLAN_VERSION,
         "plan_id": uuid.uuid4().hex,
         "project": options.project_id,
+        "user_id": user_id,
         "annotations_json": str(options.annotations_json),
         "annotations_sha256": digest,
         "start_id": options.start_id,
@@ -201,13 +225,15 @@ async def write_plan(
     return plan
 
 
-def _plan_entry(task: Task, options: PlanOptions, results: list[Any]) -> dict[str, Any]:
+def _plan_entry(
+    task: Task, options: PlanOptions, results: list[Any], user_id: int
+) -> dict[str, Any]:
     annotations = task.annotations or ()
     if task.project is not None and task.project != options.project_id:
         skip: str | None = f"task belongs to project {task.project}"
         delete: list[int] = []
     else:
-        human = [a for a in annotations if not is_ours(a)]
+        human = [a for a in annotations if not is_ours(a, user_id)]
         skip = None
         if human and not options.replace_human:
             skip = (
@@ -286,7 +312,7 @@ async def execute_plan(client: LabelStudioClient, plan_path: Path, out: TextIO) 
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read plan {plan_path}: {exc}; write it first") from exc
     if plan.get("version") != PLAN_VERSION:
-        raise ConfigError(f"{plan_path} is not a replace plan of this version")
+        raise ConfigError(f"{plan_path} is not a replace plan of this version: write a new plan")
     payload, digest = _load_payload(
         Path(plan["annotations_json"]), int(plan["start_id"]), int(plan["end_id"])
     )
@@ -299,6 +325,12 @@ async def execute_plan(client: LabelStudioClient, plan_path: Path, out: TextIO) 
     report = ExecuteReport()
     entries = [e for e in plan["tasks"] if e["skip"] is None]
 
+    user_id = await client.user_id()
+    if user_id != plan.get("user_id"):
+        raise ConfigError(
+            f"{plan_path} was written with another Label Studio user's token (user "
+            f"{plan.get('user_id')}, this token is user {user_id}): write a new plan"
+        )
     # Refuse before touching anything if a task changed since the plan.
     tasks: dict[int, Task] = {}
     for entry in entries:
@@ -306,6 +338,19 @@ async def execute_plan(client: LabelStudioClient, plan_path: Path, out: TextIO) 
         tasks[task.id] = task
         if not _unchanged(task, entry, journal):
             report.refused.append(f"task {task.id}: its annotations changed since the plan")
+        elif not plan["replace_human"]:
+            # The plan is a file anyone can edit: a person's annotation is deleted only when
+            # the plan was written to replace people's work.
+            people = [
+                a.id
+                for a in task.annotations or ()
+                if a.id in entry["delete"] and not is_ours(a, user_id)
+            ]
+            if people:
+                report.refused.append(
+                    f"task {task.id}: the plan deletes annotation(s) {people} made by a person "
+                    "but was written without --replace-human-annotations"
+                )
     if report.refused:
         for line in report.refused:
             print(f"refused: {line}", file=out)

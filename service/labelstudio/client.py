@@ -114,6 +114,21 @@ class LabelStudioClient:
         """Check the URL and the token; return the user's email (or username).
 
         ``retries`` overrides the client's own (a health probe wants an answer now)."""
+        body = await self._whoami(retries)
+        who = _opt_str(body, "email") or _opt_str(body, "username")
+        if not who:
+            raise LabelStudioError("Label Studio's whoami answer has no email or username")
+        return who
+
+    async def user_id(self) -> int:
+        """The id of the token's user: what Label Studio writes as ``completed_by`` on the
+        annotations this client creates."""
+        user = _opt_int(await self._whoami(None), "id")
+        if user is None:
+            raise LabelStudioError("Label Studio's whoami answer has no user id")
+        return user
+
+    async def _whoami(self, retries: int | None) -> Mapping[str, Any]:
         url = self._url("/api/current-user/whoami")
         response = await self._sender.send("GET", url, allow=frozenset({404}), retries=retries)
         if response.status_code == 404 or not _is_json(response):
@@ -123,11 +138,7 @@ class LabelStudioClient:
                 "(scheme, host, port, and any path prefix Label Studio is served under).",
                 response.status_code,
             )
-        body = _object(_json(response), "whoami")
-        who = _opt_str(body, "email") or _opt_str(body, "username")
-        if not who:
-            raise LabelStudioError("Label Studio's whoami answer has no email or username")
-        return who
+        return _object(_json(response), "whoami")
 
     async def create_pat(self, *, replace_existing: bool = False) -> str:
         """Create a Personal Access Token for the authenticated user (tests, quickstart).

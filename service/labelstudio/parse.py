@@ -152,6 +152,12 @@ def _parse_annotation(raw: Any) -> Annotation:
         result=_results(obj.get("result")),
         created_at=_opt_datetime(obj, "created_at"),
         updated_at=_opt_datetime(obj, "updated_at"),
+        updated_by=_opt_int(obj, "updated_by"),
+        parent_prediction=_opt_int(obj, "parent_prediction"),
+        parent_annotation=_opt_int(obj, "parent_annotation"),
+        lead_time=_opt_float(obj, "lead_time"),
+        draft_created_at=_opt_datetime(obj, "draft_created_at"),
+        import_id=_opt_int(obj, "import_id"),
     )
 
 

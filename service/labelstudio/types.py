@@ -61,6 +61,15 @@ class Annotation:
     result: tuple[Mapping[str, Any], ...]
     created_at: datetime | None
     updated_at: datetime | None
+    # Where it came from. Label Studio's editor sets these on what a person submits (accepting
+    # a prediction gives parent_prediction and lead_time), an import sets import_id; a plain
+    # API create sets none of them.
+    updated_by: int | None = None
+    parent_prediction: int | None = None
+    parent_annotation: int | None = None
+    lead_time: float | None = None
+    draft_created_at: datetime | None = None
+    import_id: int | None = None
 
 
 @dataclass(frozen=True)
