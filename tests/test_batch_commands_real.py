@@ -160,6 +160,46 @@ def test_upload_dry_run_then_upload_then_nothing_twice(
     assert sum(t.total_predictions for t in tasks_of(ls_client, setup.project)) == 3
 
 
+def test_an_image_predicted_with_nothing_found_gets_an_empty_prediction(
+    setup: Setup, ls_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = setup.tmp / "images"
+    blank = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(blank, format="PNG")  # no red, no green: nothing found
+    (images / "blank.png").write_bytes(blank.getvalue())
+    (images / "broken.png").write_bytes(b"not a png")  # predict fails on it
+    predict = ["predict", "--config", str(setup.tmp / "predict.yaml"), "--images-dir"]
+    assert main([*predict, str(images), "--out-dir", str(setup.pred)]) == 1  # broken.png
+    assert not any((setup.pred / "masks_binary").glob("*/blank.png"))
+
+    async def add_tasks() -> list[int]:
+        async with ls_client() as ls:
+            files = [("blank.png", blank.getvalue()), ("broken.png", b"x"), ("unseen.png", b"x")]
+            return await ls.upload_files(setup.project, files)
+
+    blank_id, broken_id, unseen_id = asyncio.run(add_tasks())
+    config = label_map_config(setup)
+    base = ["upload", "--config", str(config), *setup.args("--pred-dir", str(setup.pred))]
+    capsys.readouterr()
+    assert main([*base, "--upload"]) == 0
+    out = capsys.readouterr().out
+    assert "generated predictions=4 (empty: 1)" in out and "uploaded predictions=4" in out
+    assert f"tasks never predicted (no masks, not in summary.csv): 1 [{unseen_id}]" in out
+    assert "tasks whose image predict failed on: 1" in out
+    assert f"task {broken_id}: broken.png: " in out
+    by_id = {t.id: t for t in tasks_of(ls_client, setup.project)}
+    (empty,) = by_id[blank_id].predictions or ()
+    assert empty.result == () and empty.model_version == "test-v1"
+    assert by_id[unseen_id].total_predictions == 0 and by_id[broken_id].total_predictions == 0
+
+    # Done is done: the second run posts nothing and still names what was never predicted.
+    assert main([*base, "--upload"]) == 0
+    out = capsys.readouterr().out
+    assert "generated predictions=0" in out
+    assert "already have 'test-v1' predictions): 4" in out
+    assert f"tasks never predicted (no masks, not in summary.csv): 1 [{unseen_id}]" in out
+
+
 def test_names_that_do_not_match_fail_before_any_upload(
     setup: Setup, ls_client: MakeClient, capsys: pytest.CaptureFixture[str]
 ) -> None:

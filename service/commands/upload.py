@@ -4,10 +4,16 @@ Dry-run by default: tasks are fetched, matched to ``masks_binary/<label>/<stem>.
 name, and the predictions written to JSON for a person to check; ``--upload`` posts them.
 Tasks with annotations are skipped (a person's work comes first), and so are tasks that
 already hold a prediction of the same model_version, so a second run posts nothing.
+
+``predict`` writes mask files only for what it found, so a task without mask files is either
+"predicted, nothing found" or "never predicted"; ``summary.csv`` tells them apart. The first
+gets an empty prediction, as the service gives it, so it no longer looks unprocessed; the
+second, and an image that ``predict`` failed on, are reported.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -52,7 +58,8 @@ class UploadReport:
     empty: int = 0
     skipped_annotated: list[int] = field(default_factory=list)
     skipped_existing: list[int] = field(default_factory=list)
-    without_masks: list[int] = field(default_factory=list)
+    without_masks: list[int] = field(default_factory=list)  # never predicted
+    predict_failed: list[str] = field(default_factory=list)  # "task N: reason"
     masks_without_task: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     sent: int = 0
@@ -92,6 +99,46 @@ def scan_masks(pred_dir: Path) -> tuple[list[str], dict[str, MaskSet], list[str]
     return labels, sets, problems
 
 
+@dataclass(frozen=True)
+class Predicted:
+    """What ``summary.csv`` says of one image: its kept labels, or why predict failed on it."""
+
+    image: str
+    kept: frozenset[str]
+    error: str | None
+
+
+def read_summary(pred_dir: Path) -> dict[str, Predicted] | None:
+    """``predict``'s ``summary.csv`` by match key of the image's stem; None if there is none
+    (outputs of an older ``predict``, or masks made some other way)."""
+    path = pred_dir / "summary.csv"
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ImageError(f"cannot read {path}: {exc}") from exc
+    kept: dict[str, set[str]] = {}
+    images: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    for row in rows:
+        image = row.get("image") or ""
+        if not image:
+            continue
+        key = match_key(Path(image).stem)
+        images.setdefault(key, image)
+        kept.setdefault(key, set())
+        if row.get("error"):
+            errors[key] = str(row["error"])
+        elif row.get("kept") == "1":
+            kept[key].add(str(row.get("label") or ""))
+    return {
+        key: Predicted(image=images[key], kept=frozenset(kept[key]), error=errors.get(key))
+        for key in images
+    }
+
+
 def read_mask(path: Path) -> np.ndarray:
     data = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
     if data is None:
@@ -117,6 +164,13 @@ async def run_upload(
     report = UploadReport()
     labels, mask_sets, problems = scan_masks(options.pred_dir)
     report.problems.extend(problems)
+    summary = read_summary(options.pred_dir)
+    if summary is None:
+        print(
+            f"no summary.csv in {options.pred_dir}: tasks without masks are reported, none "
+            "gets an empty prediction",
+            file=out,
+        )
     project = await client.get_project(options.project_id)
     target = resolve_target(
         project,
@@ -149,8 +203,19 @@ async def run_upload(
             report.skipped_existing.append(task.id)
             continue
         if masks is None:
-            report.without_masks.append(task.id)
-            continue
+            outcome = (summary or {}).get(key)
+            if outcome is None:
+                report.without_masks.append(task.id)
+                continue
+            if outcome.error is not None:
+                report.predict_failed.append(f"task {task.id}: {outcome.image}: {outcome.error}")
+                continue
+            if outcome.kept:
+                report.problems.append(
+                    f"task {task.id}: summary.csv keeps {sorted(outcome.kept)} for "
+                    f"{outcome.image} but masks_binary/ has no mask file for it"
+                )
+                continue
         try:
             prediction = _prediction(task.id, masks, target, options)
         except ImageError as exc:
@@ -182,8 +247,11 @@ async def run_upload(
 
 
 def _prediction(
-    task_id: int, masks: MaskSet, target: BrushTarget, options: UploadOptions
+    task_id: int, masks: MaskSet | None, target: BrushTarget, options: UploadOptions
 ) -> PredictionIn:
+    """The task's prediction; ``masks`` None: predicted, nothing found (an empty result)."""
+    if masks is None:
+        return PredictionIn(task_id, [], score=options.score, model_version=options.model_version)
     arrays = {label: read_mask(path) for label, path in masks.files.items()}
     shapes = {a.shape for a in arrays.values()}
     if len(shapes) != 1:
@@ -222,9 +290,14 @@ def _print_summary(
     )
     if report.without_masks:
         print(
-            f"tasks without masks: {len(report.without_masks)} {_ids(report.without_masks)}",
+            f"tasks never predicted (no masks, not in summary.csv): "
+            f"{len(report.without_masks)} {_ids(report.without_masks)}",
             file=out,
         )
+    if report.predict_failed:
+        print(f"tasks whose image predict failed on: {len(report.predict_failed)}", file=out)
+        for line in report.predict_failed:
+            print(f"  {line}", file=out)
     if report.masks_without_task:
         print(
             f"mask files without a task: {len(report.masks_without_task)} "
