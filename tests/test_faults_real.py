@@ -296,7 +296,7 @@ def test_bad_images_and_bad_webhooks_fail_alone(start_env: StartEnv, ls_client: 
         (line,) = [r for r in reasons if f" task {task} " in r]
         return line
 
-    assert "not an image Pillow can read" in reason(bad["corrupt.png"])
+    assert "not a JPEG, PNG, WebP, GIF, BMP or TIFF image" in reason(bad["corrupt.png"])
     assert "corrupt or truncated image" in reason(bad["truncated.png"])
     assert "1600 megapixels, over the limit" in reason(bad["huge.png"])
     assert "gone.png: no such uploaded file" in reason(bad["gone"])

@@ -209,7 +209,7 @@ def test_backfill_predicts_existing_tasks_and_reports_failures(
     assert code == 1  # one task failed
     assert status_code == 0
     assert "backfill done: done 4, failed 1" in out
-    assert f"task {broken} (attempts 1): task {broken} image: not an image" in out
+    assert f"task {broken} (attempts 1): task {broken} image: not a JPEG, PNG" in out
     tasks = {t.id: t for t in tasks_of(ls_client, project)}
     assert tasks[broken].total_predictions == 0
     (prediction,) = tasks[empty].predictions or ()

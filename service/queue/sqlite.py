@@ -290,8 +290,8 @@ class SQLiteJobQueue(JobQueue):
     def claim(self, limit: int) -> list[Job]:
         if checks.limit(limit) == 0:
             return []
-        # A few rows per claim (each up to 5000 ids): a long inbox is worked off over the
-        # next claims instead of stalling this one.
+        # A few rows per claim (each up to INBOX_ROW_IDS ids): a long inbox is worked off over
+        # the next claims instead of stalling this one.
         self.expand(max_rows=_EXPAND_PER_CLAIM)
         with self._locked("claim") as conn:
             now = self._clock()
