@@ -94,7 +94,7 @@ def download(
             allowed_image_hosts=allowed,
             **kwargs,  # type: ignore[arg-type]
         ) as ls:
-            return await ls.download(1, url)
+            return await ls.files.download(1, url)
 
     return asyncio.run(run())
 

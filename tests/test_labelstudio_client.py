@@ -420,9 +420,9 @@ def test_relative_and_same_host_urls_are_fetched_with_the_token() -> None:
     async def run() -> list[bytes]:
         async with client(hosts) as ls:
             return [
-                await ls.download(1, "/data/upload/1/abc-img_0.jpg"),
-                await ls.download(1, "http://ls.test/data/upload/1/abc-img_0.jpg"),
-                await ls.download(1, "/data/local-files/?d=images/a.png"),
+                await ls.files.download(1, "/data/upload/1/abc-img_0.jpg"),
+                await ls.files.download(1, "http://ls.test/data/upload/1/abc-img_0.jpg"),
+                await ls.files.download(1, "/data/local-files/?d=images/a.png"),
             ]
 
     assert asyncio.run(run()) == [b"ls:/data/upload/1/abc-img_0.jpg"] * 2 + [
@@ -437,8 +437,10 @@ def test_url_prefix_is_not_doubled() -> None:
 
     async def run() -> None:
         async with client(hosts, base_url="http://ls.test/label-studio/") as ls:
-            await ls.download(1, "/label-studio/data/upload/1/a.png")  # as Label Studio writes it
-            await ls.download(1, "/data/upload/1/b.png")
+            await ls.files.download(
+                1, "/label-studio/data/upload/1/a.png"
+            )  # as Label Studio writes it
+            await ls.files.download(1, "/data/upload/1/b.png")
 
     asyncio.run(run())
     assert [url for url, _ in hosts.seen] == [
@@ -452,9 +454,9 @@ def test_the_token_never_goes_to_another_host() -> None:
 
     async def run() -> bytes:
         async with client(hosts, retries=0) as ls:
-            assert await ls.download(1, "https://cdn.test/img.png") == b"cdn bytes"
+            assert await ls.files.download(1, "https://cdn.test/img.png") == b"cdn bytes"
             # a redirect back to Label Studio does not bring the token back
-            return await ls.download(1, "https://cdn.test/back-to-ls.png")
+            return await ls.files.download(1, "https://cdn.test/back-to-ls.png")
 
     with pytest.raises(LabelStudioError) as info:
         asyncio.run(run())
@@ -469,8 +471,8 @@ def test_cloud_uri_resolves_and_follows_presigned_redirect_without_auth() -> Non
     async def run() -> list[bytes]:
         async with client(hosts) as ls:
             return [
-                await ls.download(7, "s3://bucket/a b.png"),
-                await ls.download(7, "gs://bucket/proxied.png"),
+                await ls.files.download(7, "s3://bucket/a b.png"),
+                await ls.files.download(7, "gs://bucket/proxied.png"),
             ]
 
     assert asyncio.run(run()) == [b"s3 bytes", b"proxied bytes"]
@@ -491,7 +493,7 @@ def test_download_errors_name_the_path_but_not_the_signature() -> None:
 
     async def run(url: str) -> bytes:
         async with client(handler) as ls:
-            return await ls.download(7, url)
+            return await ls.files.download(7, url)
 
     with pytest.raises(LabelStudioError) as info:
         asyncio.run(run("s3://bucket/expired.png"))
@@ -517,7 +519,7 @@ def test_download_size_is_capped() -> None:
 
     async def run(path: str) -> bytes:
         async with client(handler) as ls:
-            return await ls.download(1, f"https://cdn.test{path}", max_bytes=50)
+            return await ls.files.download(1, f"https://cdn.test{path}", max_bytes=50)
 
     with pytest.raises(ImageError, match="100 bytes, over the 50-byte limit"):
         asyncio.run(run("/declared.png"))

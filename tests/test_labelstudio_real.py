@@ -253,11 +253,11 @@ def test_files_with_odd_names_round_trip(ls_client: MakeClient) -> None:
                 task = await ls.get_task(task_id)
                 url = task.data["image"]
                 assert url.startswith(f"/data/upload/{project.id}/")
-                assert await ls.download(task_id, url) == content
+                assert await ls.files.download(task_id, url) == content
             names = [(await ls.get_task(i)).data["image"] for i in ids]
             assert names[0].endswith("-img_0.jpg")  # Label Studio sanitizes the name
             with pytest.raises(NotFoundError):  # Label Studio itself answers 500 here
-                await ls.download(ids[0], f"/data/upload/{project.id}/nothere.png")
+                await ls.files.download(ids[0], f"/data/upload/{project.id}/nothere.png")
 
     asyncio.run(run())
 
@@ -274,7 +274,7 @@ def test_two_step_import_like_the_web_ui(ls_client: MakeClient) -> None:
             assert await ls.reimport(project.id, upload_ids) == 3
             tasks = [t async for t in ls.iter_tasks(project.id)]
             assert len(tasks) == 3
-            downloaded = {await ls.download(t.id, t.data["image"]) for t in tasks}
+            downloaded = {await ls.files.download(t.id, t.data["image"]) for t in tasks}
             assert downloaded == {content for _, content in files}
 
     asyncio.run(run())
@@ -298,9 +298,9 @@ def test_local_files_url_downloads(
                 response.raise_for_status()
             (task_id,) = await ls.import_tasks(project.id, [{"data": {"image": "x"}}])
             url = "/data/local-files/?d=local-images/sub%20dir/a%20b.png"
-            assert await ls.download(task_id, url) == content
+            assert await ls.files.download(task_id, url) == content
             with pytest.raises(NotFoundError, match=re.escape("d=local-images/nothere.png")):
-                await ls.download(task_id, "/data/local-files/?d=local-images/nothere.png")
+                await ls.files.download(task_id, "/data/local-files/?d=local-images/nothere.png")
 
     asyncio.run(run())
 

@@ -130,7 +130,7 @@ def test_the_deadline_covers_the_whole_download_and_is_retryable() -> None:
             began = time.monotonic()
             with pytest.raises(DownloadTimeout) as raised:
                 url = f"https://{SLOW_HOST}/a.png?X-Amz-Signature=s"
-                await client.download(1, url, timeout_s=0.2)
+                await client.files.download(1, url, timeout_s=0.2)
             assert time.monotonic() - began < 2
             assert str(raised.value) == f"download of https://{SLOW_HOST}/a.png took over 0.2 s"
 

@@ -8,7 +8,6 @@ values of ``types``; nothing outside this package sees Label Studio's raw JSON.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import mimetypes
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -19,7 +18,8 @@ import httpx
 
 from service.config import LabelStudioConfig
 from service.constants import TokenType
-from service.errors import DownloadTimeout, LabelStudioError, NotFoundError
+from service.errors import LabelStudioError
+from service.labelstudio.files import Files
 from service.labelstudio.parse import (
     _content_kind,
     _error_detail,
@@ -36,10 +36,8 @@ from service.labelstudio.parse import (
     _parse_webhook,
     _req_int,
 )
-from service.labelstudio.transport import Sender, _strip_query, _webhook_refused
+from service.labelstudio.transport import Sender, _webhook_refused
 from service.labelstudio.types import (
-    CLOUD_SCHEMES,
-    DEFAULT_MAX_BYTES,
     MAX_FILES_PER_IMPORT,
     MAX_TASKS_PER_READ,
     Annotation,
@@ -75,7 +73,6 @@ class LabelStudioClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         download_timeout_s: float = LabelStudioConfig.download_timeout_s,
     ) -> None:
-        self.download_timeout_s = download_timeout_s
         self._sender = Sender(
             base_url,
             token,
@@ -90,6 +87,8 @@ class LabelStudioClient:
         )
         self.base_url = self._sender.base_url
         self.token_type = self._sender.credentials.token_type
+        # Task data URLs -> bytes: ``client.files.download(task_id, url)``, ``.serves(url)``.
+        self.files = Files(self._sender, download_timeout_s)
 
     async def __aenter__(self) -> Self:
         return self
@@ -463,96 +462,3 @@ class LabelStudioClient:
 
     async def delete_webhook(self, webhook_id: int) -> None:
         await self._sender.send("DELETE", self._url(f"/api/webhooks/{int(webhook_id)}/"))
-
-    # -- files --------------------------------------------------------------------------------
-
-    def serves(self, url: str) -> bool:
-        """Whether Label Studio itself answers a download of this task URL (a root-relative
-        path, its own host, a cloud URI it resolves): the worker counts those against Label
-        Studio's load, and other hosts' downloads not."""
-        url = url.strip()
-        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-        if scheme in CLOUD_SCHEMES or (url.startswith("/") and not url.startswith("//")):
-            return True
-        try:
-            return self._sender.is_label_studio(httpx.URL(url))
-        except httpx.InvalidURL:
-            return False
-
-    async def download(
-        self,
-        task_id: int,
-        url: str,
-        *,
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        timeout_s: float | None = None,
-    ) -> bytes:
-        """The bytes behind a task data URL (see ``_download``), within ``timeout_s`` (default:
-        the client's ``download_timeout_s``) for the whole download: redirects, retries and
-        every byte. A host that trickles its answer raises ``DownloadTimeout`` (retryable)
-        instead of holding the job for as long as it likes."""
-        limit = self.download_timeout_s if timeout_s is None else timeout_s
-        try:
-            async with asyncio.timeout(limit) as deadline:
-                return await self._download(task_id, url, max_bytes)
-        except TimeoutError as exc:
-            if not deadline.expired():
-                raise
-            raise DownloadTimeout(f"download of {_shown_url(url)} took over {limit:g} s") from exc
-
-    async def _download(self, task_id: int, url: str, max_bytes: int) -> bytes:
-        """The bytes behind a task data URL.
-
-        ``/data/upload/...``, ``/data/local-files/?d=...`` and absolute URLs on Label Studio's
-        own host are fetched with the token; other http(s) hosts without it (also after a
-        redirect back); ``s3://``, ``gs://`` and ``azure-blob://`` URIs through
-        ``/tasks/{task_id}/resolve/``, whose presigned redirect is followed without the token.
-        More than ``max_bytes`` raises ImageError. Whoever imports tasks writes these URLs:
-        each hop is checked first (``urls``: Label Studio's file paths only, other hosts only
-        at public or ``allowed_image_hosts`` addresses), else RefusedURL.
-        """
-        url = url.strip()
-        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-        if scheme in CLOUD_SCHEMES:
-            return await self._download_cloud(task_id, url, max_bytes)
-        shown = _strip_query(url)
-        if url.startswith("/") and not url.startswith("//"):
-            if url.startswith("/data/local-files"):
-                shown = url  # ?d= is the file's path, not a secret
-            return await self._sender.fetch(self._sender.data_url(url), shown, max_bytes)
-        if scheme in ("http", "https"):
-            try:
-                target = httpx.URL(url)
-            except httpx.InvalidURL as exc:
-                raise LabelStudioError(f"task {task_id}: invalid image URL {shown}: {exc}") from exc
-            return await self._sender.fetch(target, shown, max_bytes)
-        raise LabelStudioError(
-            f"task {task_id}: cannot download {shown[:200]!r}: expected /data/..., http(s)://, "
-            "s3://, gs:// or azure-blob://"
-        )
-
-    async def _download_cloud(self, task_id: int, uri: str, max_bytes: int) -> bytes:
-        fileuri = base64.urlsafe_b64encode(uri.encode()).decode("ascii")
-        resolve = httpx.URL(
-            self._url(f"/tasks/{int(task_id)}/resolve/"), params={"fileuri": fileuri}
-        )
-        try:
-            # messages show the bucket and key, never the presigned URL's signature
-            return await self._sender.fetch(resolve, uri, max_bytes)
-        except NotFoundError as exc:
-            raise NotFoundError(
-                f"task {task_id}: {uri} not found: Label Studio could not resolve it (no cloud "
-                "storage of the project matches the bucket, or the task is gone), or the storage "
-                f"has no such object ({exc})",
-                404,
-            ) from exc
-
-
-def _shown_url(url: str) -> str:
-    """A task URL fit for a job's reason: no query string (signatures), no user:password@."""
-    shown = _strip_query(url.strip())
-    scheme, sep, rest = shown.partition("://")
-    authority, slash, path = rest.partition("/")
-    if sep and "@" in authority:
-        shown = f"{scheme}://{authority.rsplit('@', 1)[1]}{slash}{path}"
-    return shown[:300]

@@ -22,6 +22,14 @@ from typing import NoReturn, Self
 from service.errors import ConfigError, RetryableError
 from service.queue import checks
 from service.queue.base import Job, JobQueue, JobState, QueueSpan
+from service.queue.sqlite_rows import (
+    INBOX_ROW_IDS,
+    inbox_ids,
+    inbox_rows,
+    insert_inbox,
+    insert_jobs,
+    json_ids,
+)
 from service.queue.sqlite_schema import (
     COLUMNS,
     CONFIG_CODES,
@@ -38,21 +46,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BUSY_TIMEOUT_S = 5.0
 _EXPAND_PER_CLAIM = 4
-# Ids per inbox row, so per expand transaction: expanding one row holds the write lock for
-# ~10 ms, which is how long an accept (a webhook's answer) can wait behind an expansion.
-INBOX_ROW_IDS = 5000
-
-
-def _json_ids(project: int, task_ids: Sequence[int], model_version: str) -> str:
-    """The checked task ids as a JSON array for ``json_each`` ("" for none)."""
-    ids = checks.job_args(project, task_ids, model_version)
-    return json.dumps(ids) if ids else ""
-
-
-def _inbox_rows(project: int, task_ids: Sequence[int], model_version: str) -> list[str]:
-    """The checked task ids as JSON arrays of at most ``INBOX_ROW_IDS`` each, one per row."""
-    ids = checks.job_args(project, task_ids, model_version)
-    return [json.dumps(ids[at : at + INBOX_ROW_IDS]) for at in range(0, len(ids), INBOX_ROW_IDS)]
 
 
 @dataclass(frozen=True)
@@ -196,18 +189,18 @@ class SQLiteJobQueue(JobQueue):
     # -- writes -----------------------------------------------------------------------------
 
     def enqueue(self, project: int, task_ids: Sequence[int], model_version: str) -> int:
-        ids = _json_ids(project, task_ids, model_version)
+        ids = json_ids(project, task_ids, model_version)
         if not ids:
             return 0
         with self._locked("enqueue") as conn:
             now = self._clock()
             with self._write():
-                new = self._insert_jobs(conn, project, ids, model_version, now)
+                new = insert_jobs(conn, project, ids, model_version, now)
         self._log_queued(project, new, len(task_ids), model_version)
         return new
 
     def accept(self, project: int, task_ids: Sequence[int], model_version: str) -> int:
-        rows = _inbox_rows(project, task_ids, model_version)
+        rows = inbox_rows(project, task_ids, model_version)
         if not rows:
             return 0
         with self._locked("accept") as conn:
@@ -215,7 +208,7 @@ class SQLiteJobQueue(JobQueue):
             # A big body becomes many rows, in one transaction: durable all at once, and
             # expanded a bounded row at a time.
             with self._write():
-                self._insert_inbox(conn, project, model_version, rows, now)
+                insert_inbox(conn, project, model_version, rows, now)
         log.debug("project %d: %d task id(s) accepted", project, len(task_ids))
         return len(task_ids)
 
@@ -241,41 +234,16 @@ class SQLiteJobQueue(JobQueue):
                     if given > INBOX_ROW_IDS:
                         # Written whole by an older version: split it, and expand the parts
                         # in later transactions (behind the rows accepted since).
-                        rows = _inbox_rows(project, json.loads(ids), model_version)
-                        self._insert_inbox(conn, project, model_version, rows, received_at)
+                        rows = inbox_rows(project, json.loads(ids), model_version)
+                        insert_inbox(conn, project, model_version, rows, received_at)
                         continue
-                    added = self._insert_jobs(conn, project, ids, model_version, received_at)
+                    added = insert_jobs(conn, project, ids, model_version, received_at)
             new += added
             self._log_queued(project, added, given, model_version)
             # Let a thread waiting for the lock (an accept: a webhook's answer) in before the
             # next row: threading.Lock is not fair, and this loop would take it straight back.
             time.sleep(0)
         return new
-
-    @staticmethod
-    def _insert_inbox(
-        conn: sqlite3.Connection, project: int, model_version: str, rows: list[str], at: float
-    ) -> None:
-        conn.executemany(
-            "INSERT INTO inbox (project, model_version, task_ids, received_at) VALUES (?, ?, ?, ?)",
-            ((project, model_version, ids, at) for ids in rows),
-        )
-
-    @staticmethod
-    def _insert_jobs(
-        conn: sqlite3.Connection, project: int, ids: str, model_version: str, at: float
-    ) -> int:
-        """Insert queued jobs for the JSON array ``ids``, dated ``at``; return how many were new."""
-        before = conn.total_changes
-        # One statement over a JSON array: 5x faster than executemany, which pays Python
-        # overhead per row. json_each keeps the array order, so job ids follow it.
-        conn.execute(
-            "INSERT OR IGNORE INTO jobs (project, task, model_version, state, attempts,"
-            " created_at, updated_at, not_before)"
-            " SELECT ?, value, ?, 'queued', 0, ?, ?, ? FROM json_each(?) ORDER BY key",
-            (project, model_version, at, at, at, ids),
-        )
-        return conn.total_changes - before
 
     @staticmethod
     def _log_queued(project: int, new: int, given: int, model_version: str) -> None:
@@ -440,19 +408,12 @@ class SQLiteJobQueue(JobQueue):
     def counts(self) -> dict[JobState, int]:
         with self._locked("counts") as conn:
             rows = conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
-            accepted = self._inbox_ids(conn)
+            accepted = inbox_ids(conn)
         result = dict.fromkeys(JobState, 0)
         for state, count in rows:
             result[JobState(state)] = count
         result[JobState.QUEUED] += accepted  # not expanded yet (repeats counted)
         return result
-
-    @staticmethod
-    def _inbox_ids(conn: sqlite3.Connection) -> int:
-        (count,) = conn.execute(
-            "SELECT COALESCE(SUM(json_array_length(task_ids)), 0) FROM inbox"
-        ).fetchone()
-        return int(count)
 
     def get(self, project: int, task: int, model_version: str) -> Job | None:
         with self._locked("get") as conn:
@@ -463,21 +424,20 @@ class SQLiteJobQueue(JobQueue):
         return None if row is None else row_to_job(row)
 
     def recent_failures(self, limit: int = 20) -> list[Job]:
-        checks.limit(limit)
-        with self._locked("recent_failures") as conn:
-            rows = conn.execute(
-                f"SELECT {COLUMNS} FROM jobs WHERE state = 'failed'"
-                " ORDER BY updated_at DESC, id DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
-        return [row_to_job(row) for row in rows]
+        return self._latest("recent_failures", "state = 'failed'", limit)
 
     def waiting_retries(self, limit: int = 20) -> list[Job]:
+        return self._latest(
+            "waiting_retries", "state = 'queued' AND attempts > 0 AND reason IS NOT NULL", limit
+        )
+
+    def _latest(self, action: str, where: str, limit: int) -> list[Job]:
+        """Up to ``limit`` jobs matching ``where`` (a constant of this class), newest first."""
         checks.limit(limit)
-        with self._locked("waiting_retries") as conn:
+        with self._locked(action) as conn:
             rows = conn.execute(
-                f"SELECT {COLUMNS} FROM jobs WHERE state = 'queued' AND attempts > 0"
-                " AND reason IS NOT NULL ORDER BY updated_at DESC, id DESC LIMIT ?",
+                f"SELECT {COLUMNS} FROM jobs WHERE {where}"
+                " ORDER BY updated_at DESC, id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
         return [row_to_job(row) for row in rows]
@@ -496,7 +456,7 @@ class SQLiteJobQueue(JobQueue):
             (last_done,) = conn.execute(
                 "SELECT MAX(updated_at) FROM jobs WHERE state = 'done'"
             ).fetchone()
-            accepted = self._inbox_ids(conn)
+            accepted = inbox_ids(conn)
         return QueueSpan(
             jobs=int(jobs),
             accepted=accepted,
@@ -521,7 +481,7 @@ class SQLiteJobQueue(JobQueue):
             (count,) = conn.execute(
                 "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
             ).fetchone()
-            accepted = self._inbox_ids(conn)
+            accepted = inbox_ids(conn)
         return int(count) + accepted
 
     # -- lifetime ---------------------------------------------------------------------------

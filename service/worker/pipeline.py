@@ -308,11 +308,11 @@ class Worker:
             url = task.data.get(target.data_key)
             if not isinstance(url, str) or not url:
                 raise PermanentError(f"task has no image URL under data key {target.data_key!r}")
-            if self.client.serves(url):
+            if self.client.files.serves(url):
                 async with self._ls_files:
-                    data = await self.client.download(task.id, url)
+                    data = await self.client.files.download(task.id, url)
             else:
-                data = await self.client.download(task.id, url)
+                data = await self.client.files.download(task.id, url)
             image = await asyncio.to_thread(
                 decode_image,
                 data,

@@ -1,0 +1,59 @@
+"""The SQLite queue's row statements, on a connection the caller holds inside its transaction:
+task ids as JSON arrays (``json_each`` turns one into many rows in one statement), inbox rows
+of a bounded size, and the count of ids still in the inbox."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+
+from service.queue import checks
+
+# Ids per inbox row, so per expand transaction: expanding one row holds the write lock for
+# ~10 ms, which is how long an accept (a webhook's answer) can wait behind an expansion.
+INBOX_ROW_IDS = 5000
+
+
+def json_ids(project: int, task_ids: Sequence[int], model_version: str) -> str:
+    """The checked task ids as a JSON array for ``json_each`` ("" for none)."""
+    ids = checks.job_args(project, task_ids, model_version)
+    return json.dumps(ids) if ids else ""
+
+
+def inbox_rows(project: int, task_ids: Sequence[int], model_version: str) -> list[str]:
+    """The checked task ids as JSON arrays of at most ``INBOX_ROW_IDS`` each, one per row."""
+    ids = checks.job_args(project, task_ids, model_version)
+    return [json.dumps(ids[at : at + INBOX_ROW_IDS]) for at in range(0, len(ids), INBOX_ROW_IDS)]
+
+
+def insert_inbox(
+    conn: sqlite3.Connection, project: int, model_version: str, rows: list[str], at: float
+) -> None:
+    conn.executemany(
+        "INSERT INTO inbox (project, model_version, task_ids, received_at) VALUES (?, ?, ?, ?)",
+        ((project, model_version, ids, at) for ids in rows),
+    )
+
+
+def insert_jobs(
+    conn: sqlite3.Connection, project: int, ids: str, model_version: str, at: float
+) -> int:
+    """Insert queued jobs for the JSON array ``ids``, dated ``at``; return how many were new."""
+    before = conn.total_changes
+    # One statement over a JSON array: 5x faster than executemany, which pays Python
+    # overhead per row. json_each keeps the array order, so job ids follow it.
+    conn.execute(
+        "INSERT OR IGNORE INTO jobs (project, task, model_version, state, attempts,"
+        " created_at, updated_at, not_before)"
+        " SELECT ?, value, ?, 'queued', 0, ?, ?, ? FROM json_each(?) ORDER BY key",
+        (project, model_version, at, at, at, ids),
+    )
+    return conn.total_changes - before
+
+
+def inbox_ids(conn: sqlite3.Connection) -> int:
+    (count,) = conn.execute(
+        "SELECT COALESCE(SUM(json_array_length(task_ids)), 0) FROM inbox"
+    ).fetchone()
+    return int(count)
