@@ -329,3 +329,16 @@ def test_shipped_config_documents_the_worker_section_with_its_defaults(tmp_path:
     config = load_config(write(tmp_path, MINIMAL + "\n".join(block) + "\n"), environ={})
     assert len(block) - 1 == len(dataclasses.fields(WorkerConfig))
     assert config.worker == WorkerConfig()
+
+
+@pytest.mark.parametrize("key", ["timeout_s", "download_timeout_s"])
+@pytest.mark.parametrize("value", [0, -1, ".inf"])
+def test_label_studio_timeouts_must_be_positive_and_finite(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"model: {{path: m.pt, labels: [a]}}\nlabel_studio: {{{key}: {value}}}\n", encoding="utf-8"
+    )
+    with pytest.raises(ConfigError, match=rf"label_studio\.{key} must be"):
+        load_config(path, environ={})

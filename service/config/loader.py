@@ -234,7 +234,11 @@ def _parse_label_studio(s: Section[LabelStudioConfig]) -> LabelStudioConfig:
         problem = image_host_problem(entry)
         if problem:
             raise s.error("allowed_image_hosts", f"item {problem}")
-    return s.build({"url": url, "allowed_image_hosts": hosts})
+    settings = s.build({"url": url, "allowed_image_hosts": hosts}, float_minimum=0.0)
+    for key in ("timeout_s", "download_timeout_s"):
+        if getattr(settings, key) == 0:  # a deadline of nothing fails every request
+            raise s.error(key, "must be > 0")
+    return settings
 
 
 def _parse_projects(raw: object, source: Path) -> tuple[ProjectConfig, ...]:
