@@ -14,6 +14,7 @@ from service.config import (
     ModelConfig,
     PredictionConfig,
     ProjectConfig,
+    QueueConfig,
     ReconcileConfig,
     ServerConfig,
     Thresholds,
@@ -209,6 +210,8 @@ def test_shipped_config_parses(repo_config) -> None:  # type: ignore[no-untyped-
         ("retry_max_s: .inf", r"worker\.retry_max_s must be a finite number >= 0"),
         ("idle_poll_s: .nan", "finite number"),
         ("shutdown_grace_s: soon", "must be a number"),
+        ("max_inflight_megapixels: 0", r"worker\.max_inflight_megapixels must be > 0"),
+        ("max_inflight_megapixels: -5", "finite number >= 0"),
         ("retries: 3", r"unknown key\(s\) \['retries'\] in worker"),
     ],
 )
@@ -275,7 +278,9 @@ def every_field_set(tmp_path: Path) -> dict[str, Any]:
             batch_wait_s=0.2,
             idle_poll_s=0.25,
             shutdown_grace_s=5.0,
+            max_inflight_megapixels=64.5,
         ),
+        "queue": QueueConfig(retention_days=7.5),
     }
 
 
@@ -316,19 +321,52 @@ def test_written_paths_stay_relative_to_the_file_and_left_out_sections_take_defa
     assert loaded == Config(source=path, model=expected_model, state_dir=base / "run" / "state")
 
 
-def test_shipped_config_documents_the_worker_section_with_its_defaults(tmp_path: Path) -> None:
-    """config.yaml's commented ``worker:`` section, uncommented, is WorkerConfig's defaults."""
+def shipped_section(name: str) -> list[str]:
+    """config.yaml's commented ``name:`` section, uncommented: its header and key lines."""
     text = (Path(__file__).resolve().parent.parent / "config.yaml").read_text(encoding="utf-8")
     lines = text.splitlines()
-    start = lines.index("# worker:")
-    block = ["worker:"]
+    start = lines.index(f"# {name}:")
+    block = [f"{name}:"]
     for line in lines[start + 1 :]:
         if not line.startswith("#   "):
             break
         block.append(line[1:])
+    return block
+
+
+def test_shipped_config_documents_the_worker_section_with_its_defaults(tmp_path: Path) -> None:
+    """config.yaml's commented ``worker:`` section, uncommented, is WorkerConfig's defaults."""
+    block = shipped_section("worker")
     config = load_config(write(tmp_path, MINIMAL + "\n".join(block) + "\n"), environ={})
     assert len(block) - 1 == len(dataclasses.fields(WorkerConfig))
     assert config.worker == WorkerConfig()
+
+
+def test_shipped_config_documents_the_queue_section_with_its_defaults(tmp_path: Path) -> None:
+    block = shipped_section("queue")
+    config = load_config(write(tmp_path, MINIMAL + "\n".join(block) + "\n"), environ={})
+    assert len(block) - 1 == len(dataclasses.fields(QueueConfig))
+    assert config.queue == QueueConfig() and config.queue.retention_days == 30
+
+
+@pytest.mark.parametrize(
+    ("queue", "message"),
+    [
+        ("retention_days: 0", r"queue\.retention_days must be > 0"),
+        ("retention_days: -1", r"queue\.retention_days must be a finite number >= 0"),
+        ("retention_days: .inf", "finite number"),
+        ("retention_days: soon", "must be a number"),
+        ("retention: 3", r"unknown key\(s\) \['retention'\] in queue"),
+    ],
+)
+def test_bad_queue_settings(tmp_path: Path, queue: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, MINIMAL + f"queue:\n  {queue}\n"), environ={})
+
+
+def test_a_whole_number_of_retention_days_reads_as_days(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL + "queue: {retention_days: 90}\n"), environ={})
+    assert config.queue.retention_days == 90.0
 
 
 @pytest.mark.parametrize("key", ["timeout_s", "download_timeout_s"])

@@ -39,10 +39,15 @@ class FakeClock:
 class QueueFactory(Protocol):
     """Opens a queue on the test's one store; every call opens another handle on it (as
     another process or machine would), so jobs outlive a handle closed. Every backend takes
-    the attempt limit and a clock (epoch seconds), so that tests can move time."""
+    the attempt limit, a clock (epoch seconds), so that tests can move time, and the
+    retention of done/skipped jobs in days (None: keep them)."""
 
     def __call__(
-        self, *, max_attempts: int = MAX_ATTEMPTS, clock: Callable[[], float] = time.time
+        self,
+        *,
+        max_attempts: int = MAX_ATTEMPTS,
+        clock: Callable[[], float] = time.time,
+        retention_days: float | None = None,
     ) -> JobQueue: ...
 
 
@@ -50,9 +55,16 @@ def _sqlite_opener(tmp_path: Path, stack: contextlib.ExitStack) -> QueueFactory:
     path = tmp_path / "state" / "jobs.sqlite3"
 
     def open_sqlite(
-        *, max_attempts: int = MAX_ATTEMPTS, clock: Callable[[], float] = time.time
+        *,
+        max_attempts: int = MAX_ATTEMPTS,
+        clock: Callable[[], float] = time.time,
+        retention_days: float | None = None,
     ) -> JobQueue:
-        return stack.enter_context(SQLiteJobQueue(path, max_attempts=max_attempts, clock=clock))
+        return stack.enter_context(
+            SQLiteJobQueue(
+                path, max_attempts=max_attempts, clock=clock, retention_days=retention_days
+            )
+        )
 
     return open_sqlite
 
@@ -766,3 +778,93 @@ def test_a_closed_queue_refuses_every_call(queue_factory: QueueFactory) -> None:
         with pytest.raises(RuntimeError, match="closed"):
             call()
     assert queue_factory().counts()[JobState.RUNNING] == 1  # the store itself is untouched
+
+
+def by_state(**counts: int) -> dict[JobState, int]:
+    return {state: counts.get(state.value, 0) for state in JobState}
+
+
+def test_counts_and_pending_stay_right_through_every_transition(
+    queue_factory: QueueFactory, clock: FakeClock
+) -> None:
+    queue = queue_factory(clock=clock, max_attempts=2)
+    assert queue.counts() == by_state() and queue.pending() == 0
+    assert queue.enqueue(1, [1, 2, 3, 4, 5, 6], "v1") == 6
+    queue.enqueue(1, [1, 2], "v1")  # repeats add nothing
+    assert queue.counts() == by_state(queued=6) and queue.pending() == 6
+    queue.accept(1, [7, 8], "v1")
+    assert queue.counts() == by_state(queued=8) and queue.pending() == 8
+    jobs = queue.claim(8)
+    assert len(jobs) == 8
+    assert queue.counts() == by_state(running=8) and queue.pending() == 8
+    done, skipped, failed, retried, released, given_up, *_left = jobs
+    queue.mark_done(done.id)
+    queue.mark_skipped(skipped.id, "has a prediction")
+    queue.mark_failed(failed.id, "broken")
+    queue.retry_later(retried.id, "busy", 0)
+    queue.release(released.id)
+    assert queue.counts() == by_state(running=3, queued=2, done=1, skipped=1, failed=1)
+    assert queue.pending() == 5
+    queue.retry_later(given_up.id, "busy", 0)  # back to queued
+    assert queue.counts() == by_state(running=2, queued=3, done=1, skipped=1, failed=1)
+    assert len(queue.claim(8)) == 3  # retried, released and given_up
+    queue.retry_later(given_up.id, "busy", 0)  # out of attempts: failed
+    assert queue.counts() == by_state(running=4, done=1, skipped=1, failed=2)
+    # A dropped handle leaves jobs running; another handle's recover re-queues them, and
+    # fails retried (its second attempt).
+    queue.close()
+    other = queue_factory(clock=clock, max_attempts=2)
+    assert other.counts() == by_state(running=4, done=1, skipped=1, failed=2)
+    assert other.recover() == 3
+    assert other.counts() == by_state(queued=3, done=1, skipped=1, failed=3)
+    assert other.pending() == 3
+    assert [other.get(1, task, "v1") is not None for task in range(1, 9)] == [True] * 8
+
+
+def test_old_done_and_skipped_jobs_are_pruned_and_nothing_else(
+    queue_factory: QueueFactory, clock: FakeClock
+) -> None:
+    queue = queue_factory(clock=clock, retention_days=1)
+    queue.enqueue(1, [1, 2, 3, 4, 5], "v1")
+    old_done, old_skipped, old_failed, _old_running, old_retry = queue.claim(5)
+    queue.mark_done(old_done.id)
+    queue.mark_skipped(old_skipped.id, "has a prediction")
+    queue.mark_failed(old_failed.id, "broken")
+    queue.retry_later(old_retry.id, "busy", 10 * 86400)  # queued, not due for days
+    queue.enqueue(1, [6], "v1")  # queued, never claimed
+    clock.advance(2 * 86400)
+    queue.enqueue(1, [7], "v1")
+    # This claim prunes too: the first prune was at open, over an hour ago.
+    recent = queue.claim(5)
+    assert sorted(job.task for job in recent) == [6, 7]
+    for job in recent:
+        queue.mark_done(job.id)  # done now: within the retention, however old the job
+    queue.claim(5)
+    kept = {task for task in range(1, 8) if queue.get(1, task, "v1") is not None}
+    assert kept == {3, 4, 5, 6, 7}
+    states = {task: queue.get(1, task, "v1").state for task in kept}  # type: ignore[union-attr]
+    assert states == {
+        3: JobState.FAILED,
+        4: JobState.RUNNING,
+        5: JobState.QUEUED,
+        6: JobState.DONE,
+        7: JobState.DONE,
+    }
+    assert queue.counts() == by_state(queued=1, running=1, done=2, failed=1)
+    # A late duplicate webhook for a pruned task queues it again (the worker's pre-read
+    # then finds this model_version's prediction and skips it).
+    assert queue.enqueue(1, [1, 2], "v1") == 2
+
+
+def test_without_a_retention_nothing_is_pruned(
+    queue_factory: QueueFactory, clock: FakeClock
+) -> None:
+    queue = queue_factory(clock=clock)
+    queue.enqueue(1, [1], "v1")
+    (job,) = queue.claim(1)
+    queue.mark_done(job.id)
+    clock.advance(10_000 * 86400)
+    queue.enqueue(1, [2], "v1")
+    queue.claim(1)
+    assert queue.get(1, 1, "v1") is not None
+    assert queue_factory(clock=clock).get(1, 1, "v1") is not None

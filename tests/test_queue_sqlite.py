@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import re
 import signal
 import sqlite3
 import subprocess
@@ -21,6 +23,7 @@ import pytest
 from service.errors import ConfigError, RetryableError
 from service.queue import JobState, SQLiteJobQueue
 from service.queue.sqlite import INBOX_ROW_IDS
+from service.queue.sqlite_prune import PRUNE_BATCH, PRUNE_BATCHES_PER_CALL
 from service.queue.sqlite_schema import SCHEMA_VERSION
 
 MakeQueue = Callable[..., SQLiteJobQueue]
@@ -422,3 +425,107 @@ def test_a_version_2_database_gets_the_suspect_mark(db_path: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     finally:
         conn.close()
+
+
+def test_a_version_3_database_gets_counters_filled_from_its_jobs(db_path: Path) -> None:
+    conn = version_1_jobs_table(db_path)
+    conn.execute("ALTER TABLE jobs ADD COLUMN suspect INTEGER NOT NULL DEFAULT 0")
+    conn.execute(
+        "CREATE TABLE inbox (id INTEGER PRIMARY KEY, project INTEGER NOT NULL, model_version"
+        " TEXT NOT NULL, task_ids TEXT NOT NULL, received_at REAL NOT NULL)"
+    )
+    states = ["queued", "queued", "running", "done", "done", "done", "skipped", "failed"]
+    conn.executemany(
+        "INSERT INTO jobs (project, task, model_version, state, attempts, created_at,"
+        " updated_at, not_before) VALUES (1, ?, 'v1', ?, 1, 0, 0, 0)",
+        list(enumerate(states, start=1)),
+    )
+    conn.execute("PRAGMA user_version = 3")
+    conn.close()
+    with SQLiteJobQueue(db_path, max_attempts=3) as queue:
+        assert queue.counts() == {
+            JobState.QUEUED: 2,
+            JobState.RUNNING: 1,
+            JobState.DONE: 3,
+            JobState.SKIPPED: 1,
+            JobState.FAILED: 1,
+        }
+        assert queue.pending() == 3
+        assert queue.recover() == 1
+        (alone,) = queue.claim(5)
+        queue.mark_failed(alone.id, "broken")
+        queue.enqueue(1, [20, 21], "v1")
+        assert queue.counts() == recount(db_path)
+        assert queue.counts()[JobState.FAILED] == 2
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+def recount(db_path: Path) -> dict[JobState, int]:
+    """Jobs per state counted from the jobs table itself, for comparison with counts()."""
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        rows = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+    return {state: rows.get(state.value, 0) for state in JobState}
+
+
+def test_counts_and_pending_read_no_jobs_row_whatever_the_table_holds(
+    make_queue: MakeQueue, db_path: Path
+) -> None:
+    queue = make_queue()
+    queue.enqueue(1, range(1, 2001), "v1")
+    queue.accept(1, [5000], "v1")
+    statements: list[str] = []
+    queue._conn.set_trace_callback(statements.append)  # what counts() and pending() run
+    try:
+        counted = queue.counts()
+        pending = queue.pending()
+    finally:
+        queue._conn.set_trace_callback(None)
+    assert counted[JobState.QUEUED] == 2001 and pending == 2001
+    assert statements
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        plans = [
+            detail
+            for statement in statements
+            for *_, detail in conn.execute(f"EXPLAIN QUERY PLAN {statement}").fetchall()
+        ]
+    assert plans and not [detail for detail in plans if re.search(r"\bjobs\b", detail)], plans
+
+
+def old_done_jobs(db_path: Path, tasks: range, at: float) -> None:
+    """Done and skipped jobs last changed at ``at``, written straight into the file."""
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
+        conn.execute(
+            "INSERT INTO jobs (project, task, model_version, state, attempts, created_at,"
+            " updated_at, not_before) SELECT 1, value, 'v1',"
+            " CASE value % 2 WHEN 0 THEN 'done' ELSE 'skipped' END, 1, ?, ?, ?"
+            " FROM json_each(?)",
+            (at, at, at, json.dumps(list(tasks))),
+        )
+
+
+def test_pruning_runs_in_bounded_batches_at_open_and_then_hourly_from_claim(
+    make_queue: MakeQueue, db_path: Path
+) -> None:
+    make_queue().close()  # creates the file
+    per_call = PRUNE_BATCH * PRUNE_BATCHES_PER_CALL
+    old_done_jobs(db_path, range(1, per_call + 501), at=0.0)
+    now = [100 * 86400.0]
+    queue = make_queue(retention_days=30, clock=lambda: now[0])
+    left = sum(queue.counts().values())
+    assert left == 500  # the open pruned one call's worth, no more
+    queue.claim(1)  # more were left: the next claim goes on at once
+    assert sum(queue.counts().values()) == 0 == sum(recount(db_path).values())
+    old_done_jobs(db_path, range(20_001, 20_011), at=0.0)
+    now[0] += 3000
+    queue.claim(1)
+    assert sum(queue.counts().values()) == 10  # pruned less than an hour ago: not yet
+    now[0] += 700
+    queue.claim(1)
+    assert sum(queue.counts().values()) == 0
+
+
+def test_retention_days_must_be_positive(db_path: Path) -> None:
+    for bad in (0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="retention_days"):
+            SQLiteJobQueue(db_path, max_attempts=3, retention_days=bad)

@@ -24,6 +24,7 @@ from service.config.settings import (
     ModelConfig,
     PredictionConfig,
     ProjectConfig,
+    QueueConfig,
     ReconcileConfig,
     ServerConfig,
     Thresholds,
@@ -92,6 +93,7 @@ def parse_config(raw: object, source: Path, environ: Mapping[str, str]) -> Confi
             "state_dir": base / str(root.get("state_dir")),
             "reconcile": root.section("reconcile", ReconcileConfig).build(),
             "worker": _parse_worker(root.section("worker", WorkerConfig)),
+            "queue": _parse_queue(root.section("queue", QueueConfig)),
         }
     )
 
@@ -272,7 +274,17 @@ def _parse_server(s: Section[ServerConfig]) -> ServerConfig:
 
 def _parse_worker(s: Section[WorkerConfig]) -> WorkerConfig:
     # Every time is a delay or a limit: a negative or infinite one is a typo, not a choice.
-    return s.build(minimum={"concurrency": 1, "max_attempts": 1}, float_minimum=0.0)
+    worker = s.build(minimum={"concurrency": 1, "max_attempts": 1}, float_minimum=0.0)
+    if worker.max_inflight_megapixels == 0:  # would hold no image at all
+        raise s.error("max_inflight_megapixels", "must be > 0")
+    return worker
+
+
+def _parse_queue(s: Section[QueueConfig]) -> QueueConfig:
+    queue = s.build(float_minimum=0.0)
+    if queue.retention_days == 0:  # would delete each job as it ends
+        raise s.error("retention_days", "must be > 0")
+    return queue
 
 
 def _expand_env(value: object, environ: Mapping[str, str]) -> object:

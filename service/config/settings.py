@@ -153,6 +153,19 @@ class WorkerConfig:
     batch_wait_s: float = 0.05  # how long a model batch waits to fill
     idle_poll_s: float = 1.0
     shutdown_grace_s: float = 30.0  # on SIGTERM, let jobs in flight finish this long
+    # Decoded image pixels held at once (jobs wait before decoding); one larger image runs alone.
+    # A megapixel costs ~40 MB at its peak in the model (README, Memory): as many as the largest
+    # image prediction.max_pixels lets through, ~4 GB; a backlog of 2000x1500 images never waits.
+    max_inflight_megapixels: float = 100.0
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """The job journal: how long finished jobs are kept."""
+
+    # Done and skipped jobs last changed longer ago than this are deleted, so the journal
+    # does not grow for ever (failed ones stay for the operator).
+    retention_days: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -169,6 +182,7 @@ class Config:
     state_dir: Path = Path("state")
     reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
 
     def require(self, value: str | MissingEnv | None, what: str) -> str:
         """Return a setting that a command cannot do without, or explain what to set."""

@@ -20,6 +20,7 @@ from service.config.settings import (
     ModelConfig,
     PredictionConfig,
     ProjectConfig,
+    QueueConfig,
     ReconcileConfig,
     ServerConfig,
     Thresholds,
@@ -42,6 +43,7 @@ def write_config(
     server: ServerConfig | None = None,
     reconcile: ReconcileConfig | None = None,
     worker: WorkerConfig | None = None,
+    queue: QueueConfig | None = None,
     state_dir: Path | None = None,
 ) -> Path:
     """Write these sections to ``path`` (its folder is created) and return ``path``.
@@ -66,6 +68,8 @@ def write_config(
         document["reconcile"] = section_document(reconcile)
     if worker is not None:
         document["worker"] = section_document(worker)
+    if queue is not None:
+        document["queue"] = section_document(queue)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = _HEADER + yaml.dump(document, Dumper=_Dumper, sort_keys=False)
     path.write_text(text, encoding="utf-8")

@@ -98,6 +98,18 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> np.nda
             raise ImageError(f"{name}: corrupt or truncated image ({exc})") from exc
 
 
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from the header alone, before any pixel is decoded; None when the
+    data is no image :func:`decode_image` would open (it then says why)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data), formats=BROWSER_FORMATS) as img:
+                return img.size
+        except (Image.DecompressionBombError, OSError, SyntaxError, ValueError):
+            return None  # UnidentifiedImageError is an OSError
+
+
 def _unsupported(data: bytes) -> str:
     accepted = "JPEG, PNG, WebP, GIF, BMP or TIFF"
     head = data[:16].lstrip()

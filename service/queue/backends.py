@@ -14,8 +14,13 @@ from service.queue.sqlite import SQLiteJobQueue
 
 
 def open_queue(config: Config) -> JobQueue:
-    """The configured queue, created if need be, with the worker's attempt limit."""
-    return SQLiteJobQueue(config.state_dir / QUEUE_FILE, max_attempts=config.worker.max_attempts)
+    """The configured queue, created if need be, with the worker's attempt limit and the
+    queue's retention."""
+    return SQLiteJobQueue(
+        config.state_dir / QUEUE_FILE,
+        max_attempts=config.worker.max_attempts,
+        retention_days=config.queue.retention_days,
+    )
 
 
 def existing_queue(config: Config) -> JobQueue | None:

@@ -22,6 +22,7 @@ from typing import NoReturn, Self
 from service.errors import ConfigError, RetryableError
 from service.queue import checks
 from service.queue.base import Job, JobQueue, JobState, QueueSpan
+from service.queue.sqlite_prune import Pruner
 from service.queue.sqlite_rows import (
     INBOX_ROW_IDS,
     inbox_ids,
@@ -29,17 +30,19 @@ from service.queue.sqlite_rows import (
     insert_inbox,
     insert_jobs,
     json_ids,
+    prune_jobs,
+    state_counts,
 )
 from service.queue.sqlite_schema import (
     COLUMNS,
     CONFIG_CODES,
     MIN_SQLITE,
     RETRYABLE_CODES,
-    SCHEMA,
     SCHEMA_VERSION,
     UPGRADES,
     claim_rows,
     row_to_job,
+    schema_statements,
 )
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,9 @@ class SQLiteJobQueue(JobQueue):
     ``BEGIN IMMEDIATE`` transactions so that other processes on the same file wait (up to
     ``busy_timeout_s``) instead of interleaving. ``max_attempts`` has no default here: the
     service's attempt limit is ``WorkerConfig.max_attempts``, passed in by ``open_queue``.
+
+    ``retention_days`` (``QueueConfig``'s, from ``open_queue``; None: keep all) prunes done
+    and skipped jobs at open, then from ``claim`` hourly, in bounded batches (``Pruner``).
     """
 
     def __init__(
@@ -79,8 +85,10 @@ class SQLiteJobQueue(JobQueue):
         max_attempts: int,
         clock: Callable[[], float] = time.time,
         busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        retention_days: float | None = None,
     ) -> None:
         checks.max_attempts(max_attempts)
+        self._pruner = Pruner(retention_days)
         if not (math.isfinite(busy_timeout_s) and busy_timeout_s >= 0):
             raise ValueError(f"busy_timeout_s must be >= 0, got {busy_timeout_s!r}")
         self.path = Path(path)
@@ -106,6 +114,7 @@ class SQLiteJobQueue(JobQueue):
         self._closed = False
         try:
             self._setup(busy_timeout_s)
+            self.prune()
         except BaseException:
             self._conn.close()
             self._closed = True
@@ -141,9 +150,8 @@ class SQLiteJobQueue(JobQueue):
                     for old in range(version, SCHEMA_VERSION) if version else ():
                         for statement in UPGRADES[old]:
                             self._conn.execute(statement)
-                    for statement in SCHEMA.split(";"):
-                        if statement.strip():
-                            self._conn.execute(statement)
+                    for statement in schema_statements():
+                        self._conn.execute(statement)
                     self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             self._reraise(exc, "open")
@@ -255,12 +263,22 @@ class SQLiteJobQueue(JobQueue):
             model_version,
         )
 
+    def prune(self) -> int:
+        """Delete done and skipped jobs older than the retention if a prune is due (see
+        ``Pruner``); return how many went. SQLite's own, called at open and by ``claim``."""
+        return self._pruner.run(self._clock, self._prune_batch)
+
+    def _prune_batch(self, before: float, limit: int) -> int:
+        with self._locked("prune") as conn, self._write():
+            return prune_jobs(conn, before, limit)
+
     def claim(self, limit: int) -> list[Job]:
         if checks.limit(limit) == 0:
             return []
         # A few rows per claim (each up to INBOX_ROW_IDS ids): a long inbox is worked off over
         # the next claims instead of stalling this one.
         self.expand(max_rows=_EXPAND_PER_CLAIM)
+        self.prune()
         with self._locked("claim") as conn:
             now = self._clock()
             with self._write():
@@ -407,11 +425,9 @@ class SQLiteJobQueue(JobQueue):
 
     def counts(self) -> dict[JobState, int]:
         with self._locked("counts") as conn:
-            rows = conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+            counted = state_counts(conn)
             accepted = inbox_ids(conn)
-        result = dict.fromkeys(JobState, 0)
-        for state, count in rows:
-            result[JobState(state)] = count
+        result = {state: counted.get(state.value, 0) for state in JobState}
         result[JobState.QUEUED] += accepted  # not expanded yet (repeats counted)
         return result
 
@@ -478,11 +494,9 @@ class SQLiteJobQueue(JobQueue):
 
     def pending(self) -> int:
         with self._locked("pending") as conn:
-            (count,) = conn.execute(
-                "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
-            ).fetchone()
+            counted = state_counts(conn)
             accepted = inbox_ids(conn)
-        return int(count) + accepted
+        return counted.get("queued", 0) + counted.get("running", 0) + accepted
 
     # -- lifetime ---------------------------------------------------------------------------
 

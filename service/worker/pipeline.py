@@ -6,7 +6,9 @@ Three stages overlap so the model is never idle while there is work:
   are re-read from Label Studio in one list request per project (``service/worker/tasks.py``:
   a task a person annotated or that holds a prediction of this model_version is skipped);
   then each image is downloaded, within ``label_studio.download_timeout_s``, and decoded
-  (downloads never wait for the slots of Label Studio's API calls: see ``__init__``);
+  (downloads never wait for the slots of Label Studio's API calls: see ``__init__``) once
+  its pixels, read from the header, fit ``worker.max_inflight_megapixels`` (``budget.py``;
+  they are given back when the job settles);
 - *infer* (one at a time): batch the prepared images, up to ``model.batch_size``, waiting only
   ``batch_wait_s`` for a batch to fill, and run the model in a thread;
 - *post* (one group at a time): take whatever results wait (up to four model batches),
@@ -44,9 +46,10 @@ from service.labelstudio import PredictionIn, Task
 from service.labelstudio.client import LabelStudioClient
 from service.metrics import NoMetrics, WorkerMetrics
 from service.model import ImagePrediction, Segmenter
-from service.model.images import decode_image
+from service.model.images import decode_image, image_size
 from service.queue import Job, JobQueue
 from service.results import BrushTarget, build_prediction
+from service.worker.budget import PixelBudget
 from service.worker.held import Held
 from service.worker.outage import OutageWatch
 from service.worker.settings import WorkerSettings
@@ -114,8 +117,17 @@ class Worker:
             probe_s=settings.worker.outage_probe_s,
             limit_s=settings.outage_limit_s,
         )
+        # Decoded pixels held at once: images, the model's full-size probabilities and masks
+        # grow with them, and a tiny file can decode to 100 megapixels (see ``budget.py``).
+        self.pixels = PixelBudget(round(settings.worker.max_inflight_megapixels * 1e6))
         self._settler = Settler(
-            queue, self.held, self._outage, self.metrics, settings.worker, clock=clock
+            queue,
+            self.held,
+            self._outage,
+            self.metrics,
+            settings.worker,
+            clock=clock,
+            budget=self.pixels,
         )
         self._tasks_read = TaskReader(
             client,
@@ -313,10 +325,15 @@ class Worker:
                     data = await self.client.files.download(task.id, url)
             else:
                 data = await self.client.files.download(task.id, url)
+            size = image_size(data)
+            max_pixels = self.settings.prediction.max_pixels
+            if size is not None and size[0] * size[1] <= max_pixels:
+                # Else decoding refuses it, from the header alone, with the reason.
+                await self.pixels.acquire(job.id, size[0] * size[1])
             image = await asyncio.to_thread(
                 decode_image,
                 data,
-                max_pixels=self.settings.prediction.max_pixels,
+                max_pixels=max_pixels,
                 name=f"task {task.id} image",
             )
             await self._ready.put(_Prepared(job, image, started))  # the infer stage's now

@@ -13,8 +13,9 @@ reason; an exception is sorted by the tree in ``service/errors.py``, in this ord
 - any other ``Exception``: ``failed`` as an internal error (logged with its traceback);
 - a cancel (shutdown): given back without counting the attempt.
 
-Every path goes through :meth:`Held.settling`, so a job settles once; a journal write that
-fails is logged and touches no other job.
+Every path goes through :meth:`Held.settling`, so a job settles once, and gives back the
+decoded pixels it held (``budget.py``); a journal write that fails is logged and touches no
+other job.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from service.config import WorkerConfig
 from service.errors import AutosegError, NotYetVisible, RetryableError, SkipJob
 from service.metrics import WorkerMetrics
 from service.queue import Job, JobQueue, JobState
+from service.worker.budget import PixelBudget
 from service.worker.held import Held
 from service.worker.outage import OutageWatch
 
@@ -49,6 +51,7 @@ class Settler:
     metrics: WorkerMetrics
     settings: WorkerConfig
     clock: Callable[[], float] = time.time
+    budget: PixelBudget | None = None  # the job's decoded pixels, given back as it ends
 
     async def settle(
         self, job: Job, outcome: BaseException | str, started: float, *, reraise: bool = True
@@ -63,6 +66,8 @@ class Settler:
         with self.held.settling(job) as held:
             if not held:
                 return
+            if self.budget is not None:  # its image and results are used no more
+                self.budget.release(job.id)
             try:
                 if isinstance(outcome, str):
                     await self._finish(job, JobState.DONE, outcome, started)
