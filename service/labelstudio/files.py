@@ -12,8 +12,9 @@ import base64
 import httpx
 
 from service.errors import DownloadTimeout, LabelStudioError, NotFoundError
-from service.labelstudio.transport import Sender, _strip_query
+from service.labelstudio.transport import Sender
 from service.labelstudio.types import CLOUD_SCHEMES, DEFAULT_MAX_BYTES
+from service.labelstudio.urls import shown_url
 
 
 class Files:
@@ -72,7 +73,7 @@ class Files:
         scheme = url.split("://", 1)[0].lower() if "://" in url else ""
         if scheme in CLOUD_SCHEMES:
             return await self._download_cloud(task_id, url, max_bytes)
-        shown = _strip_query(url)
+        shown = shown_url(url)
         if url.startswith("/") and not url.startswith("//"):
             if url.startswith("/data/local-files"):
                 shown = url  # ?d= is the file's path, not a secret
@@ -107,4 +108,4 @@ class Files:
 
 def _shown_url(url: str) -> str:
     """A task URL fit for a job's reason: no query string (signatures), no user:password@."""
-    return _strip_query(url.strip())[:300]
+    return shown_url(url.strip())[:300]

@@ -155,7 +155,7 @@ class Sender:
     ) -> httpx.Response:
         """One request with retries. Returns 1xx-3xx and ``allow``-ed answers, raises for the
         rest. With ``stream`` the returned response is open: the caller closes it."""
-        label = shown if shown is not None else _strip_query(str(url))
+        label = shown if shown is not None else shown_url(str(url))
         flow = self.credentials.flow() if auth else None
         attempt = 0
         while True:
@@ -229,7 +229,7 @@ class Sender:
         shown: str | None = None,
     ) -> LabelStudioError:
         status = response.status_code
-        label = shown if shown is not None else _strip_query(str(url))
+        label = shown if shown is not None else shown_url(str(url))
         detail = _error_detail(response)
         if "html" in _content_kind(response) and not external:
             detail = f"{_content_kind(response)}; is {self.base_url} the Label Studio URL?"
@@ -285,7 +285,7 @@ class Sender:
         origin; ``shown`` names it in messages, over ``max_bytes`` raises ImageError."""
         with_auth = self.is_label_studio(target)
         for hop in range(_MAX_REDIRECTS + 1):
-            where = shown if hop == 0 else f"{shown} (redirected to {_strip_query(str(target))})"
+            where = shown if hop == 0 else f"{shown} (redirected to {shown_url(str(target))})"
             connect_to, headers, extensions = await self._checked(target, where)
             response = await self.send(
                 "GET",
@@ -383,16 +383,10 @@ def _permanent_5xx(
 def _webhook_refused(response: httpx.Response, url: str | None) -> httpx.Response:
     """A 403 to a webhook is mostly SSRF protection refusing the URL: not a token problem."""
     if response.status_code == 403:
-        target = f" {_strip_query(url)}" if url else ""
+        target = f" {shown_url(url)}" if url else ""
         detail = _error_detail(response) or "forbidden"
         raise LabelStudioError(f"Label Studio refused the webhook{target} (403: {detail})", 403)
     return response
-
-
-def _strip_query(url: str) -> str:
-    """A URL fit for messages: query strings may carry signatures, ``user:password@`` a
-    password."""
-    return shown_url(url)
 
 
 async def _read_error_body(response: httpx.Response) -> httpx.Response:
