@@ -12,7 +12,7 @@ import torch
 from service.config import Config, ModelConfig, PredictionConfig, load_config
 
 # Real-Label-Studio fixtures live in their own module (tests/ls_fixtures.py).
-pytest_plugins = ("ls_fixtures",)
+pytest_plugins = ("ls_fixtures", "pg_fixtures")
 
 REPO = Path(__file__).resolve().parent.parent
 
