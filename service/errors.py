@@ -9,6 +9,8 @@
     │                            or start
     ├── ServiceStartError        ``serve`` in a subprocess (tests, benchmarks) exited or was not
     │                            ready in time
+    ├── LeaseLost                a shared queue's job this worker no longer holds (its lease
+    │                            ran out, another worker took it): it must not post or conclude
     ├── PermanentError           retrying will not help: the job fails at once (raised as
     │   │                        such for a task of another project, no image URL, a model
     │   │                        that failed on the batch)
@@ -54,6 +56,11 @@ class LabelStudioServerError(AutosegError):
 class ServiceStartError(AutosegError):
     """``service.local.process.ServiceProcess`` could not start ``serve``; the log's tail says
     why."""
+
+
+class LeaseLost(AutosegError):
+    """A running job of a shared queue that this worker no longer holds: it stopped renewing
+    its lease (frozen, cut off) long enough for another worker to take the job over."""
 
 
 class SkipJob(AutosegError):

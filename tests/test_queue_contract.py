@@ -20,9 +20,13 @@ from typing import Protocol
 import pytest
 
 from service.queue import Job, JobQueue, JobState, QueueSpan, SQLiteJobQueue
+from service.queue.postgres import PostgresJobQueue
 
 T0 = 1_700_000_000.0
 MAX_ATTEMPTS = 3
+# A shared store's lease; tests move the clock past it where a worker is to count as lost
+# (a store of one process ignores it: its lost worker is one whose process ended).
+LEASE_S = 60.0
 
 
 class FakeClock:
@@ -69,12 +73,36 @@ def _sqlite_opener(tmp_path: Path, stack: contextlib.ExitStack) -> QueueFactory:
     return open_sqlite
 
 
-@pytest.fixture(params=["sqlite"])
+def _postgres_opener(url: str, stack: contextlib.ExitStack) -> QueueFactory:
+    def open_postgres(
+        *,
+        max_attempts: int = MAX_ATTEMPTS,
+        clock: Callable[[], float] = time.time,
+        retention_days: float | None = None,
+    ) -> JobQueue:
+        return stack.enter_context(
+            PostgresJobQueue(
+                url,
+                max_attempts=max_attempts,
+                clock=clock,
+                retention_days=retention_days,
+                lease_s=LEASE_S,
+            )
+        )
+
+    return open_postgres
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
 def queue_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QueueFactory]:
     """One store per test, per backend; a backend joins with a param and an opener (which
-    closes what it opened when the stack unwinds)."""
+    closes what it opened when the stack unwinds). PostgreSQL: a database of the test's own
+    in the session's throwaway cluster (tests/pg_fixtures.py)."""
     with contextlib.ExitStack() as stack:
-        yield {"sqlite": _sqlite_opener}[request.param](tmp_path, stack)
+        if request.param == "postgresql":
+            yield _postgres_opener(request.getfixturevalue("pg_url"), stack)
+        else:
+            yield _sqlite_opener(tmp_path, stack)
 
 
 @pytest.fixture
@@ -449,6 +477,7 @@ def test_recover_requeues_jobs_left_running_by_a_dropped_queue(
     crashed.enqueue(3, [1, 2, 3, 4], "v1")
     claimed = crashed.claim(3)
     crashed.close()  # the process goes away without marking anything
+    clock.advance(LEASE_S + 1)  # and stays away past its lease (a shared store's wait)
 
     restarted = queue_factory(clock=clock)
     assert restarted.counts()[JobState.RUNNING] == 3
@@ -472,13 +501,13 @@ def test_a_job_left_running_by_a_crash_runs_alone_until_it_settles(
     crashed.enqueue(3, [1, 2, 3], "v1")
     assert len(crashed.claim(2)) == 2
     crashed.close()
+    clock.advance(LEASE_S + 1)
     queue = queue_factory(clock=clock)
     assert queue.recover() == 2
     queue.enqueue(3, [4, 5], "v1")
     (first,) = queue.claim(10)
     assert (first.task, first.attempts, first.suspect) == (1, 2, True)
-    assert queue.claim(10) == []  # nothing beside it, on any handle
-    assert queue_factory(clock=clock).claim(10) == []
+    assert queue.claim(10) == []  # nothing beside it (what other handles get: backend tests)
     assert queue.mark_done(first.id).suspect is False  # settled normally: cleared
     (second,) = queue.claim(10)
     assert (second.task, second.suspect) == (2, True)
@@ -496,6 +525,7 @@ def test_a_suspect_job_keeps_its_mark_until_it_ends_and_waits_for_running_jobs(
 ) -> None:
     queue.enqueue(3, [1, 2, 3], "v1")
     queue.claim(1)
+    clock.advance(LEASE_S + 1)  # the worker is lost
     assert queue.recover() == 1
     (suspect,) = queue.claim(10)
     # A retry proves nothing about the crash (it may not have reached the model).
@@ -521,9 +551,11 @@ def test_a_suspect_job_that_crashes_the_worker_again_stays_suspect_until_it_fail
     queue.enqueue(3, [1, 2], "v1")
     queue.claim(2)
     for attempt in range(2, MAX_ATTEMPTS + 1):
+        clock.advance(LEASE_S + 1)
         assert queue.recover() >= 1
         (job,) = queue.claim(10)
         assert (job.task, job.attempts, job.suspect) == (1, attempt, True)
+    clock.advance(LEASE_S + 1)
     assert queue.recover() == 0  # the third crash fails it; job 2 waits, queued, suspect
     failed = queue.get(3, 1, "v1")
     assert failed is not None and (failed.state, failed.suspect) == (JobState.FAILED, False)
@@ -531,13 +563,16 @@ def test_a_suspect_job_that_crashes_the_worker_again_stays_suspect_until_it_fail
     assert (innocent.task, innocent.attempts, innocent.suspect) == (2, 2, True)
 
 
-def test_recover_fails_only_the_running_jobs_out_of_attempts(queue: JobQueue) -> None:
+def test_recover_fails_only_the_running_jobs_out_of_attempts(
+    queue: JobQueue, clock: FakeClock
+) -> None:
     queue.enqueue(3, [1], "v1")
     for _ in range(MAX_ATTEMPTS - 1):
         (job,) = queue.claim(1)
         queue.retry_later(job.id, "flaky", 0)
     queue.enqueue(3, [2, 3], "v1")
     assert [(job.task, job.attempts) for job in queue.claim(2)] == [(1, 3), (2, 1)]
+    clock.advance(LEASE_S + 1)
     assert queue.recover() == 1
     jobs = [queue.get(3, task, "v1") for task in (1, 2, 3)]
     assert [(j.state, j.attempts, j.reason) for j in jobs if j] == [
@@ -546,6 +581,48 @@ def test_recover_fails_only_the_running_jobs_out_of_attempts(queue: JobQueue) ->
         (JobState.QUEUED, 0, None),
     ]
     assert [job.task for job in queue.recent_failures()] == [1]
+
+
+# -- holding jobs: leases on a shared store, the process on a store of one ------------------------
+
+
+def test_confirm_tells_which_jobs_this_handle_still_holds(queue: JobQueue) -> None:
+    queue.enqueue(3, [1, 2, 3], "v1")
+    done, running = queue.claim(2)
+    queue.mark_done(done.id)
+    queued = queue.get(3, 3, "v1")
+    assert queued is not None
+    assert queue.confirm([done.id, running.id, queued.id, running.id + 1000]) == {running.id}
+    assert queue.confirm([]) == set()
+
+
+def test_a_live_worker_keeps_its_jobs_however_long_they_take(
+    queue: JobQueue, clock: FakeClock
+) -> None:
+    queue.enqueue(3, [1, 2], "v1")
+    (job,) = queue.claim(1)
+    for _ in range(5):  # well past the lease, renewed well within it
+        clock.advance(LEASE_S * 0.75)
+        queue.heartbeat()
+    assert queue.confirm([job.id]) == {job.id}
+    assert [other.task for other in queue.claim(10)] == [2]  # nothing was taken back
+    assert queue.mark_done(job.id).state is JobState.DONE
+    assert all(seen.heartbeat_at <= clock.now for seen in queue.workers())
+
+
+def test_one_periodic_pass_per_interval_across_handles(
+    queue_factory: QueueFactory, clock: FakeClock
+) -> None:
+    first, second = queue_factory(clock=clock), queue_factory(clock=clock)
+    assert first.take_turn("reconcile", 60) is True
+    assert second.take_turn("reconcile", 60) is False
+    assert first.take_turn("reconcile", 60) is False
+    assert second.take_turn("another pass", 60) is True  # each name has its own turns
+    clock.advance(55)  # a timer a little early (within 10% of the interval) still gets it
+    assert second.take_turn("reconcile", 60) is True
+    assert first.take_turn("reconcile", 60) is False
+    with pytest.raises(ValueError, match="delay_s"):
+        first.take_turn("reconcile", -1)
 
 
 # -- concurrency -------------------------------------------------------------------------------
@@ -676,6 +753,7 @@ def test_counts_pending_next_due_and_recent_failures(queue: JobQueue, clock: Fak
     assert [job.task for job in queue.claim(5)] == [7]  # the delayed job is not due
     assert queue.next_due() == T0 + 2 + 60
     clock.advance(60)
+    queue.heartbeat()  # a live worker: its running job keeps its lease
     assert [job.id for job in queue.claim(5)] == [jobs[4].id]
     assert queue.next_due() is None
     assert queue.pending() == 3
@@ -813,6 +891,7 @@ def test_counts_and_pending_stay_right_through_every_transition(
     # A dropped handle leaves jobs running; another handle's recover re-queues them, and
     # fails retried (its second attempt).
     queue.close()
+    clock.advance(LEASE_S + 1)
     other = queue_factory(clock=clock, max_attempts=2)
     assert other.counts() == by_state(running=4, done=1, skipped=1, failed=2)
     assert other.recover() == 3
@@ -833,6 +912,7 @@ def test_old_done_and_skipped_jobs_are_pruned_and_nothing_else(
     queue.retry_later(old_retry.id, "busy", 10 * 86400)  # queued, not due for days
     queue.enqueue(1, [6], "v1")  # queued, never claimed
     clock.advance(2 * 86400)
+    queue.heartbeat()  # the worker of the running job is alive
     queue.enqueue(1, [7], "v1")
     # This claim prunes too: the first prune was at open, over an hour ago.
     recent = queue.claim(5)

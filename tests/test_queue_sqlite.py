@@ -22,8 +22,8 @@ import pytest
 
 from service.errors import ConfigError, RetryableError
 from service.queue import JobState, SQLiteJobQueue
+from service.queue.prune import PRUNE_BATCH, PRUNE_BATCHES_PER_CALL
 from service.queue.sqlite import INBOX_ROW_IDS
-from service.queue.sqlite_prune import PRUNE_BATCH, PRUNE_BATCHES_PER_CALL
 from service.queue.sqlite_schema import SCHEMA_VERSION
 
 MakeQueue = Callable[..., SQLiteJobQueue]

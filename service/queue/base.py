@@ -21,6 +21,16 @@ jobs, run them and mark the outcome. The rules:
   Ending it done, skipped or failed clears the mark; ``retry_later`` and ``release`` keep it.
 - ``release`` gives back a claimed job that was never started (graceful shutdown) without
   counting the attempt.
+- A *shared* store (``shared`` true: PostgreSQL) serves several processes on several
+  machines. Each handle is one worker: ``claim`` leases what it takes to that handle for
+  ``lease_s``, ``heartbeat`` renews the handle's leases, and a job whose lease runs out (its
+  worker killed, frozen or cut off) is queued again by the next ``claim`` as ``recover`` would
+  (suspect, the crash counted). ``confirm`` tells, right before a post, which jobs the handle
+  still holds; ``mark_*``, ``retry_later`` and ``release`` raise ``LeaseLost`` for a job
+  another worker took. "No job is running" in the suspect rule means none of this handle's.
+  A store for one process (SQLite: ``shared`` false, ``lease_s`` None) holds every job it hands
+  out until that process ends; ``confirm`` returns the running ones and ``heartbeat`` does
+  nothing.
 
 States::
 
@@ -32,17 +42,19 @@ States::
       +--recover---------+    (recover at max_attempts -> failed)
 
 ``JobQueue`` holds exactly what its users call: the webhook (``accept``), the worker
-(``claim``, ``mark_*``, ``retry_later``, ``release``, ``next_due``, ``pending``), reconcile
-(``enqueue``), ``status``/``backfill`` (``counts``, ``recent_failures``,
-``waiting_retries``, ``pending``, ``recover``), the metrics (``counts``) and the benchmarks
-(``span``), ``/ready`` (``check_writable``), plus ``get`` for the contract suite. Every
-implementation passes ``tests/test_queue_contract.py``.
-``SQLiteJobQueue`` (``service/queue/sqlite.py``) keeps the journal in one SQLite file.
+(``claim``, ``mark_*``, ``retry_later``, ``release``, ``next_due``, ``pending``,
+``confirm``, ``heartbeat``, ``subscribe``), reconcile (``enqueue``, ``take_turn``),
+``status``/``backfill`` (``counts``, ``recent_failures``, ``waiting_retries``, ``pending``,
+``recover``, ``workers``), the metrics (``counts``) and the benchmarks (``span``), ``/ready``
+(``check_writable``), plus ``get`` for the contract suite. Every implementation passes
+``tests/test_queue_contract.py``. ``SQLiteJobQueue`` (``service/queue/sqlite.py``) keeps the
+journal in one SQLite file; ``PostgresJobQueue`` (``service/queue/postgres.py``) in a shared
+PostgreSQL database.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -95,6 +107,18 @@ class QueueSpan:
     last_done: float | None
 
 
+@dataclass(frozen=True)
+class WorkerSeen:
+    """A worker of a shared store, as its heartbeats show it: times from the queue's clock."""
+
+    id: str  # host:pid:random, unique per process start
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    running: int  # jobs it holds now
+
+
 class JobQueue(Protocol):
     """What the webhook handler, the workers, reconcile and the operator commands need from a
     job store. Methods that take a ``job_id`` accept only a running job (``ValueError``
@@ -104,6 +128,12 @@ class JobQueue(Protocol):
     SQLite keeps ``accept`` fast behind its one writer, an implementation's own business;
     ``claim`` does it first, so no user of the queue needs to.
     """
+
+    # Several processes (machines) may work on the store at once; else one (``recover`` and
+    # the state lock keep it so), and the roles ``intake``/``worker`` are refused.
+    shared: bool
+    # How long a handle keeps its jobs without a heartbeat; None: until its process ends.
+    lease_s: float | None
 
     def enqueue(self, project: int, task_ids: Sequence[int], model_version: str) -> int:
         """Record one queued job per new task id, durably; return how many were new."""
@@ -141,10 +171,38 @@ class JobQueue(Protocol):
         """Re-queue jobs a crash left running, as suspect (or fail them once out of attempts);
         return how many were re-queued.
 
-        Call it at start-up, before any worker on this store claims, and only while no other
-        process works on the store (``service/statelock.py``): it cannot tell a job left by a
-        crash from one another live worker is running.
+        On a store of one process, call it at start-up, before any worker on this store claims,
+        and only while no other process works on the store (``service/statelock.py``): it
+        cannot tell a job left by a crash from one another live worker is running. A shared
+        store re-queues only the jobs whose lease ran out, so any process may call it any time.
         """
+        ...
+
+    def confirm(self, job_ids: Sequence[int]) -> set[int]:
+        """Which of these jobs this handle still holds (running, leased to it, the lease not
+        run out), renewing their leases: the check right before posting a prediction."""
+        ...
+
+    def heartbeat(self) -> None:
+        """Renew the leases of every job this handle holds and show the handle as alive in
+        ``workers``; a shared store's worker calls it well within ``lease_s``."""
+        ...
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from any thread; it must only signal) when another process may
+        have made jobs claimable. A store for one process never calls it: its intake wakes
+        the worker itself. Best effort: workers still poll (``worker.idle_poll_s``)."""
+        ...
+
+    def take_turn(self, name: str, interval_s: float) -> bool:
+        """True for the one caller, across every process on the store, that may run the
+        periodic pass ``name`` now: none has in the last ``interval_s`` (within a 10% margin
+        for timers that fire a little early). Reconcile asks before each periodic pass."""
+        ...
+
+    def workers(self) -> list[WorkerSeen]:
+        """The workers seen on a shared store, the most recently heard first (``[]`` for a
+        store of one process)."""
         ...
 
     def counts(self) -> dict[JobState, int]:

@@ -21,8 +21,18 @@ from typing import NoReturn, Self
 
 from service.errors import ConfigError, RetryableError
 from service.queue import checks
-from service.queue.base import Job, JobQueue, JobState, QueueSpan
-from service.queue.sqlite_prune import Pruner
+from service.queue.base import Job, JobQueue, JobState, QueueSpan, WorkerSeen
+from service.queue.journal import (
+    COLUMNS,
+    describe,
+    log_claimed,
+    log_ended,
+    log_queued,
+    log_recovered,
+    log_retried,
+    row_to_job,
+)
+from service.queue.prune import Pruner
 from service.queue.sqlite_rows import (
     INBOX_ROW_IDS,
     inbox_ids,
@@ -31,17 +41,17 @@ from service.queue.sqlite_rows import (
     insert_jobs,
     json_ids,
     prune_jobs,
+    running_ids,
     state_counts,
+    take_turn,
 )
 from service.queue.sqlite_schema import (
-    COLUMNS,
     CONFIG_CODES,
     MIN_SQLITE,
     RETRYABLE_CODES,
     SCHEMA_VERSION,
     UPGRADES,
     claim_rows,
-    row_to_job,
     schema_statements,
 )
 
@@ -62,10 +72,6 @@ class _Change:
     suspect: bool
 
 
-def _describe(job: Job) -> str:
-    return f"job {job.id} project {job.project} task {job.task}"
-
-
 class SQLiteJobQueue(JobQueue):
     """The job journal in one SQLite file.
 
@@ -76,7 +82,12 @@ class SQLiteJobQueue(JobQueue):
 
     ``retention_days`` (``QueueConfig``'s, from ``open_queue``; None: keep all) prunes done
     and skipped jobs at open, then from ``claim`` hourly, in bounded batches (``Pruner``).
+
+    A store for one process (``serve`` holds the state lock): no leases, no worker registry.
     """
+
+    shared = False
+    lease_s = None
 
     def __init__(
         self,
@@ -204,7 +215,7 @@ class SQLiteJobQueue(JobQueue):
             now = self._clock()
             with self._write():
                 new = insert_jobs(conn, project, ids, model_version, now)
-        self._log_queued(project, new, len(task_ids), model_version)
+        log_queued(log, project, new, len(task_ids), model_version)
         return new
 
     def accept(self, project: int, task_ids: Sequence[int], model_version: str) -> int:
@@ -247,21 +258,11 @@ class SQLiteJobQueue(JobQueue):
                         continue
                     added = insert_jobs(conn, project, ids, model_version, received_at)
             new += added
-            self._log_queued(project, added, given, model_version)
+            log_queued(log, project, added, given, model_version)
             # Let a thread waiting for the lock (an accept: a webhook's answer) in before the
             # next row: threading.Lock is not fair, and this loop would take it straight back.
             time.sleep(0)
         return new
-
-    @staticmethod
-    def _log_queued(project: int, new: int, given: int, model_version: str) -> None:
-        log.info(
-            "project %d: %d job(s) queued, %d duplicate(s) (model_version %s)",
-            project,
-            new,
-            given - new,
-            model_version,
-        )
 
     def prune(self) -> int:
         """Delete done and skipped jobs older than the retention if a prune is due (see
@@ -284,13 +285,7 @@ class SQLiteJobQueue(JobQueue):
             with self._write():
                 rows = claim_rows(conn, limit, now)
         jobs = sorted((row_to_job(row) for row in rows), key=lambda job: job.id)
-        for job in jobs:
-            log.debug(
-                "%s: queued -> running (attempt %d%s)",
-                _describe(job),
-                job.attempts,
-                ", alone: it was running when the worker died" if job.suspect else "",
-            )
+        log_claimed(log, jobs, "it was running when the worker died")
         return jobs
 
     def _finish(
@@ -309,7 +304,7 @@ class SQLiteJobQueue(JobQueue):
                 before = row_to_job(row)
                 if before.state is not JobState.RUNNING:
                     raise ValueError(
-                        f"{action}: {_describe(before)} is {before.state.value}, not running"
+                        f"{action}: {describe(before)} is {before.state.value}, not running"
                     )
                 change = decide(before, now)
                 after_row = conn.execute(
@@ -334,15 +329,7 @@ class SQLiteJobQueue(JobQueue):
             # It ran to an outcome without killing the worker: suspect no more.
             lambda job, now: _Change(state, reason, job.not_before, job.attempts, False),
         )
-        level = logging.WARNING if state is JobState.FAILED else logging.INFO
-        log.log(
-            level,
-            "%s: running -> %s (attempt %d)%s",
-            _describe(after),
-            state.value,
-            after.attempts,
-            f": {reason}" if reason else "",
-        )
+        log_ended(log, after, reason)
         return after
 
     def mark_done(self, job_id: int, reason: str | None = None) -> Job:
@@ -365,17 +352,7 @@ class SQLiteJobQueue(JobQueue):
             return _Change(JobState.QUEUED, reason, now + delay_s, job.attempts, job.suspect)
 
         after = self._finish(job_id, "retry_later", decide)
-        if after.state is JobState.FAILED:
-            log.warning("%s: running -> failed: %s", _describe(after), after.reason)
-        else:
-            log.info(
-                "%s: running -> queued (attempt %d of %d, retry in %.1f s): %s",
-                _describe(after),
-                after.attempts,
-                self.max_attempts,
-                delay_s,
-                reason,
-            )
+        log_retried(log, after, self.max_attempts, delay_s, reason)
         return after
 
     def release(self, job_id: int, reason: str | None = None) -> Job:
@@ -390,7 +367,7 @@ class SQLiteJobQueue(JobQueue):
                 job.suspect,
             ),
         )
-        log.debug("%s: running -> queued (released, attempt not counted)", _describe(after))
+        log.debug("%s: running -> queued (released, attempt not counted)", describe(after))
         return after
 
     def recover(self) -> int:
@@ -410,16 +387,29 @@ class SQLiteJobQueue(JobQueue):
                     f" WHERE state = 'running' RETURNING {COLUMNS}",
                     (now,),
                 ).fetchall()
-        for job in sorted(map(row_to_job, failed), key=lambda job: job.id):
-            log.warning("%s: running -> failed: %s", _describe(job), job.reason)
-        for job in sorted(map(row_to_job, requeued), key=lambda job: job.id):
-            log.info(
-                "%s: running -> queued (recovered after a crash, attempt %d of %d; to run alone)",
-                _describe(job),
-                job.attempts,
-                self.max_attempts,
-            )
+        recovered = [row_to_job(row) for row in [*failed, *requeued]]
+        log_recovered(log, recovered, self.max_attempts, "recovered after a crash")
         return len(requeued)
+
+    # -- one process: what leases are on a shared store ------------------------------------
+
+    def confirm(self, job_ids: Sequence[int]) -> set[int]:
+        with self._locked("confirm") as conn:
+            return running_ids(conn, job_ids)
+
+    def heartbeat(self) -> None:
+        """Nothing to renew: the process holds its jobs until it ends."""
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Nothing to listen for: one process, whose intake wakes its worker itself."""
+
+    def take_turn(self, name: str, interval_s: float) -> bool:
+        checks.delay_s(interval_s)
+        with self._locked("take_turn") as conn, self._write():
+            return take_turn(conn, name, self._clock(), interval_s)
+
+    def workers(self) -> list[WorkerSeen]:
+        return []
 
     # -- reads ------------------------------------------------------------------------------
 

@@ -71,3 +71,28 @@ def inbox_ids(conn: sqlite3.Connection) -> int:
         "SELECT COALESCE(SUM(json_array_length(task_ids)), 0) FROM inbox"
     ).fetchone()
     return int(count)
+
+
+def take_turn(conn: sqlite3.Connection, name: str, now: float, interval_s: float) -> bool:
+    """Record a pass of ``name`` at ``now`` unless one ran within ``interval_s`` (less 10%)."""
+    return (
+        conn.execute(
+            "INSERT INTO turns (name, last_at) VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
+            " SET last_at = excluded.last_at WHERE turns.last_at <= excluded.last_at - ?"
+            " RETURNING name",
+            (name, now, interval_s * 0.9),
+        ).fetchone()
+        is not None
+    )
+
+
+def running_ids(conn: sqlite3.Connection, job_ids: Sequence[int]) -> set[int]:
+    """Which of ``job_ids`` are running."""
+    return {
+        row[0]
+        for row in conn.execute(
+            "SELECT id FROM jobs WHERE state = 'running'"
+            " AND id IN (SELECT value FROM json_each(?))",
+            (json.dumps([int(i) for i in job_ids]),),
+        )
+    }

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import sqlite3
 
-from service.queue.base import Job, JobState
+from service.queue.base import JobState
+from service.queue.journal import COLUMNS
 
-SCHEMA_VERSION = 4  # 2: the inbox table; 3: jobs.suspect; 4: job_counts and its triggers
+SCHEMA_VERSION = 5  # 2: inbox; 3: jobs.suspect; 4: job_counts and its triggers; 5: turns
 MIN_SQLITE = (3, 38, 0)  # RETURNING (3.35) and built-in JSON (3.38)
 
-COLUMNS = (
-    "id, project, task, model_version, state, attempts, reason, created_at, updated_at,"
-    " not_before, suspect"
-)
 
 # Two indexes for the two hot reads: claim walks queued jobs in id order and stops after
 # ``limit`` due ones; next_due wants the smallest not_before of the queued jobs. A partial
@@ -57,6 +54,10 @@ WHEN OLD.state <> NEW.state BEGIN
     UPDATE job_counts SET n = n - 1 WHERE state = OLD.state;
     UPDATE job_counts SET n = n + 1 WHERE state = NEW.state;
 END;
+CREATE TABLE IF NOT EXISTS turns (  -- when each periodic pass (reconcile) last ran
+    name    TEXT PRIMARY KEY,
+    last_at REAL NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS inbox (
     id            INTEGER PRIMARY KEY,
     project       INTEGER NOT NULL,
@@ -91,6 +92,7 @@ UPGRADES: dict[int, tuple[str, ...]] = {
         "CREATE TABLE job_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID",
         "INSERT INTO job_counts (state, n) SELECT state, COUNT(*) FROM jobs GROUP BY state",
     ),
+    4: (),  # 5 added the turns table: SCHEMA creates it
 }
 
 # SQLite result codes (the low byte of an extended code) that mean someone else holds the
@@ -135,38 +137,3 @@ def claim_rows(conn: sqlite3.Connection, limit: int, now: float) -> list[tuple[o
         " WHERE state = 'queued' AND not_before <= ? ORDER BY id LIMIT ?"
     )
     return conn.execute(take.format(due), (now, now, limit)).fetchall()
-
-
-def row_to_job(row: tuple[object, ...]) -> Job:
-    (
-        job_id,
-        project,
-        task,
-        model_version,
-        state,
-        attempts,
-        reason,
-        created_at,
-        updated_at,
-        not_before,
-        suspect,
-    ) = row
-    assert isinstance(job_id, int) and isinstance(project, int) and isinstance(task, int)
-    assert isinstance(model_version, str) and isinstance(state, str)
-    assert isinstance(attempts, int) and (reason is None or isinstance(reason, str))
-    # REAL columns may hand back whole numbers as int (e.g. from RETURNING): float() them.
-    assert isinstance(created_at, int | float) and isinstance(updated_at, int | float)
-    assert isinstance(not_before, int | float) and suspect in (0, 1)
-    return Job(
-        id=job_id,
-        project=project,
-        task=task,
-        model_version=model_version,
-        state=JobState(state),
-        attempts=attempts,
-        reason=reason,
-        created_at=float(created_at),
-        updated_at=float(updated_at),
-        not_before=float(not_before),
-        suspect=bool(suspect),
-    )

@@ -1,5 +1,5 @@
-"""When the SQLite queue prunes old done and skipped jobs, and how much at a time, apart from
-the queue's logic in ``sqlite.py``.
+"""When a queue prunes old done and skipped jobs, and how much at a time, apart from
+the queues' logic (``sqlite.py``, ``postgres.py``).
 
 A late duplicate webhook for a pruned job queues it again; the worker's pre-read finds this
 model_version's prediction on the task and skips it, so nothing is posted twice.

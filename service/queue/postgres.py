@@ -1,0 +1,578 @@
+"""The job journal in a shared PostgreSQL database (``queue.url``): any number of intake and
+worker processes, on any number of machines, on one queue. The rules it keeps are in
+``base.py``, its tables and statements in ``postgres_schema.py``, how it reaches the server
+(psycopg's async pool on a loop of its own, errors, LISTEN) in ``postgres_io.py``.
+
+- Claims take due jobs in groups with ``FOR UPDATE SKIP LOCKED``: workers never wait for each
+  other's rows, and one claim serves a model batch and a list read of Label Studio.
+- Leases: each handle is one worker (``owner``: host, pid and a random part); a claimed job is
+  its own until ``lease_until``, renewed by ``heartbeat`` and ``confirm``. A job whose lease ran
+  out is queued again by the next claim anywhere, as suspect, its attempt spent; the worker
+  that comes back finds it no longer holds it (``confirm``; ``LeaseLost`` on conclude).
+- ``enqueue``, ``accept`` and ``release`` ``NOTIFY`` in their transaction; ``subscribe``
+  ``LISTEN``s. Polling stays the fallback (PgBouncer in transaction mode has no LISTEN).
+- An unreachable or restarting server is a ``RetryableError`` (the webhook answers 503,
+  workers back off and resume); a refused login, a missing database or privilege is a
+  ``ConfigError``. Messages name the server without the password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import psycopg
+import psycopg_pool
+
+from service.errors import ConfigError, LeaseLost
+from service.queue import checks
+from service.queue import postgres_schema as db
+from service.queue.base import Job, JobQueue, JobState, QueueSpan, WorkerSeen
+from service.queue.journal import (
+    COLUMNS,
+    describe,
+    log_claimed,
+    log_ended,
+    log_queued,
+    log_recovered,
+    log_retried,
+    row_to_job,
+)
+from service.queue.postgres_io import (
+    CALL_TIMEOUT_S,
+    LoopThread,
+    connect,
+    listen,
+    make_pool,
+    public_url,
+    reraise,
+)
+from service.queue.prune import Pruner
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_LEASE_S = 60.0
+POOL_MAX = 8  # connections per process: the webhook's accepts, the worker, metrics, status
+FORGET_WORKERS_S = 86400.0  # a worker silent this long leaves the registry
+TX_RETRIES = 3  # a transaction PostgreSQL rolled back for a deadlock is run again
+
+
+class PostgresJobQueue(JobQueue):
+    """The job journal in PostgreSQL; each handle is one worker with its own leases.
+
+    ``max_attempts`` has no default (the worker's, from ``open_queue``); ``lease_s`` is
+    ``queue.lease_s``; ``retention_days`` prunes done and skipped jobs as on SQLite. Times come
+    from ``clock`` (epoch seconds): the machines of one queue need synchronised clocks (NTP),
+    a skew adds to the takeover time of a lost worker's jobs.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_attempts: int,
+        lease_s: float = DEFAULT_LEASE_S,
+        clock: Callable[[], float] = time.time,
+        retention_days: float | None = None,
+        pool_max: int = POOL_MAX,
+    ) -> None:
+        checks.max_attempts(max_attempts)
+        if not (math.isfinite(lease_s) and lease_s > 0):
+            raise ValueError(f"lease_s must be a finite number > 0, got {lease_s!r}")
+        self.max_attempts = max_attempts
+        self.lease_s = float(lease_s)
+        self.where = public_url(url)
+        self._clock = clock
+        self._pruner = Pruner(retention_days)
+        self._me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._callbacks: list[Callable[[], None]] = []
+        # Jobs this handle claimed and has not concluded: a conclude that finds one gone is a
+        # lost lease (``LeaseLost``), of any other job a wrong call (``ValueError``).
+        self._held: set[int] = set()
+        self._held_lock = threading.Lock()
+        self._listener: asyncio.Task[None] | None = None  # on self._loop
+        self._closed = False
+        self._url = url
+        self._loop = LoopThread(f"queue {self.where}")
+        self._pool: psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        try:
+            self._loop.call(self._open(pool_max), CALL_TIMEOUT_S)
+            self.prune()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def worker_id(self) -> str:
+        """This handle's name in ``owner`` and ``workers``."""
+        return self._me
+
+    async def _open(self, pool_max: int) -> None:
+        self._pool = make_pool(self._url, pool_max)
+        try:
+            # One connection first: a wrong password or database fails here, clearly.
+            conn = await connect(self._url)
+        except psycopg.Error as exc:
+            reraise(exc, f"the job queue at {self.where}", "open")
+        try:
+            await self._migrate(conn)
+        except psycopg.Error as exc:
+            reraise(exc, f"the job queue at {self.where}", "create its tables")
+        finally:
+            await conn.close()
+        await self._pool.open(wait=False)
+
+    async def _migrate(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Create or upgrade the tables, one instance at a time (a transaction lock)."""
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (db.SCHEMA_LOCK,))
+            await conn.execute(db.SCHEMA[0])
+            cur = await conn.execute(
+                "SELECT value FROM ls_autoseg_meta WHERE key = 'schema_version'"
+            )
+            row = await cur.fetchone()
+            version = int(row[0]) if row else 0
+            if version > db.SCHEMA_VERSION:
+                raise ConfigError(
+                    f"the job queue at {self.where} has schema version {version}, newer than "
+                    f"this program's {db.SCHEMA_VERSION}; upgrade ls-autoseg"
+                )
+            if version < db.SCHEMA_VERSION:
+                for old in range(version, db.SCHEMA_VERSION) if version else ():
+                    for statement in db.UPGRADES[old]:
+                        await conn.execute(statement)
+                for statement in db.SCHEMA[1:]:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO ls_autoseg_meta (key, value) VALUES ('schema_version', %s)"
+                    " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    (str(db.SCHEMA_VERSION),),
+                )
+                log.info("job queue at %s: schema version %d", self.where, db.SCHEMA_VERSION)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _run(self, action: str, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        """Run ``work`` in one transaction on a pooled connection; errors as the project's."""
+        if self._closed:
+            raise RuntimeError(f"the job queue at {self.where} is closed")
+        pool = self._pool
+        assert pool is not None
+
+        async def transaction() -> T:
+            async with pool.connection() as conn:  # commits at exit, rolls back on an error
+                return await work(conn)
+
+        for attempt in range(TX_RETRIES + 1):
+            try:
+                return self._loop.call(transaction(), CALL_TIMEOUT_S + 5)
+            except psycopg.errors.DeadlockDetected as exc:
+                # Two bodies sharing task ids in another order, inserted at once: one is
+                # rolled back whole; it goes again at once.
+                if attempt == TX_RETRIES:
+                    reraise(exc, f"the job queue at {self.where}", action)
+            except (psycopg.Error, psycopg_pool.PoolTimeout, TimeoutError) as exc:
+                reraise(exc, f"the job queue at {self.where}", action)
+        raise AssertionError("unreachable")
+
+    async def _rows(
+        self, conn: psycopg.AsyncConnection[Any], query: str, params: dict[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        cur = await conn.execute(query, params)
+        return await cur.fetchall()
+
+    def _fetch(self, action: str, query: str, params: dict[str, Any] | None = None) -> list[Any]:
+        """The rows of one statement, in a transaction of its own."""
+        return self._run(action, lambda conn: self._rows(conn, query, params or {}))
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def _insert(
+        self, action: str, project: int, task_ids: Sequence[int], model_version: str
+    ) -> int:
+        # In the body's order (job ids follow it, as on SQLite), repeats dropped.
+        ids = list(dict.fromkeys(checks.job_args(project, task_ids, model_version)))
+        if not ids:
+            return 0
+        now = self._clock()
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> int:
+            cur = await conn.execute(
+                db.INSERT_JOBS,
+                {"project": project, "version": model_version, "now": now, "ids": ids},
+            )
+            if cur.rowcount:
+                await conn.execute("SELECT pg_notify(%s, '')", (db.CHANNEL,))
+            return cur.rowcount
+
+        new = self._run(action, work)
+        log_queued(log, project, new, len(task_ids), model_version)
+        return new
+
+    def enqueue(self, project: int, task_ids: Sequence[int], model_version: str) -> int:
+        return self._insert("enqueue", project, task_ids, model_version)
+
+    def accept(self, project: int, task_ids: Sequence[int], model_version: str) -> int:
+        # One indexed INSERT of every id: ~20 ms for 5000, and each is a job at once.
+        self._insert("accept", project, task_ids, model_version)
+        return len(task_ids)
+
+    def prune(self) -> int:
+        """Delete done and skipped jobs older than the retention when due (see ``Pruner``)."""
+        return self._pruner.run(self._clock, self._prune_batch)
+
+    def _prune_batch(self, before: float, limit: int) -> int:
+        async def work(conn: psycopg.AsyncConnection[Any]) -> int:
+            cur = await conn.execute(db.PRUNE, {"before": before, "limit": limit})
+            return cur.rowcount
+
+        return self._run("prune", work)
+
+    def claim(self, limit: int) -> list[Job]:
+        if checks.limit(limit) == 0:
+            return []
+        self.prune()
+        now = self._clock()
+        params = {
+            "now": now,
+            "me": self._me,
+            "until": now + self.lease_s,
+            "limit": limit,
+            "max": self.max_attempts,
+        }
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> tuple[list[Job], list[Job]]:
+            expired = [row_to_job(r) for r in await self._rows(conn, db.EXPIRE_LEASES, params)]
+            # None: none of ours runs; True: a suspect one of ours does.
+            ((mine_suspect,),) = await self._rows(conn, db.MINE_RUNNING, params)
+            if mine_suspect:  # a suspect job of ours runs: it stays alone
+                return expired, []
+            suspect = await (await conn.execute(db.DUE_SUSPECT, params)).fetchone()
+            if suspect is not None:
+                if mine_suspect is not None:  # ours are running: it waits until they end
+                    return expired, []
+                rows = await self._rows(
+                    conn, db.TAKE.format("%(suspect)s"), {**params, "suspect": suspect[0]}
+                )
+            else:
+                rows = await self._rows(conn, db.TAKE.format(db.DUE), params)
+            return expired, [row_to_job(r) for r in rows]
+
+        expired, jobs = self._run("claim", work)
+        self._log_expired(expired)
+        jobs.sort(key=lambda job: job.id)
+        with self._held_lock:
+            self._held.update(job.id for job in jobs)
+        log_claimed(log, jobs, "its last worker was lost")
+        return jobs
+
+    def _log_expired(self, jobs: list[Job]) -> None:
+        log_recovered(log, jobs, self.max_attempts, "its worker's lease ran out")
+
+    def _finish(
+        self,
+        job_id: int,
+        action: str,
+        assignments: str,
+        params: dict[str, Any],
+    ) -> Job:
+        """Move a running job this handle holds, by ``assignments`` (SQL of this module's)."""
+        query = (
+            f"UPDATE ls_autoseg_jobs SET {assignments}, owner = NULL, lease_until = NULL,"
+            f" updated_at = %(now)s WHERE id = %(id)s AND state = 'running' AND owner = %(me)s"
+            f" RETURNING {COLUMNS}"
+        )
+        args = {**params, "id": job_id, "now": self._clock(), "me": self._me}
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> tuple[Job | None, Job | None]:
+            rows = await self._rows(conn, query, args)
+            if rows:
+                if action == "release":
+                    await conn.execute("SELECT pg_notify(%s, '')", (db.CHANNEL,))
+                return row_to_job(rows[0]), None
+            found = await self._rows(
+                conn, f"SELECT {COLUMNS} FROM ls_autoseg_jobs WHERE id = %(id)s", args
+            )
+            return None, row_to_job(found[0]) if found else None
+
+        after, before = self._run(action, work)
+        with self._held_lock:
+            was_ours = job_id in self._held
+            self._held.discard(job_id)
+        if after is not None:
+            return after
+        if before is None:
+            raise ValueError(f"{action}: no job with id {job_id}")
+        if was_ours:
+            raise LeaseLost(
+                f"{action}: {describe(before)} is no longer held by this worker: its lease ran"
+                f" out and it went back to the queue (now {before.state.value})"
+            )
+        raise ValueError(f"{action}: {describe(before)} is {before.state.value}, not running")
+
+    def _terminal(self, job_id: int, state: JobState, reason: str | None) -> Job:
+        after = self._finish(
+            job_id,
+            f"mark_{state.value}",
+            "state = %(state)s, reason = %(reason)s, suspect = false",
+            {"state": state.value, "reason": reason},
+        )
+        log_ended(log, after, reason)
+        return after
+
+    def mark_done(self, job_id: int, reason: str | None = None) -> Job:
+        return self._terminal(job_id, JobState.DONE, reason)
+
+    def mark_skipped(self, job_id: int, reason: str) -> Job:
+        return self._terminal(job_id, JobState.SKIPPED, reason)
+
+    def mark_failed(self, job_id: int, reason: str) -> Job:
+        return self._terminal(job_id, JobState.FAILED, reason)
+
+    def retry_later(self, job_id: int, reason: str, delay_s: float) -> Job:
+        checks.delay_s(delay_s)
+        # Out of attempts it fails; else queued again, still suspect if it was (a retry
+        # proves nothing about a crash).
+        after = self._finish(
+            job_id,
+            "retry_later",
+            "state = CASE WHEN attempts >= %(max)s THEN 'failed' ELSE 'queued' END,"
+            " reason = CASE WHEN attempts >= %(max)s"
+            "   THEN 'gave up after ' || attempts || ' attempts: ' || %(reason)s"
+            "   ELSE %(reason)s END,"
+            " suspect = suspect AND attempts < %(max)s,"
+            " not_before = CASE WHEN attempts >= %(max)s THEN not_before"
+            "   ELSE %(now)s + %(delay)s END",
+            {"max": self.max_attempts, "reason": reason, "delay": float(delay_s)},
+        )
+        log_retried(log, after, self.max_attempts, delay_s, reason)
+        return after
+
+    def release(self, job_id: int, reason: str | None = None) -> Job:
+        after = self._finish(
+            job_id,
+            "release",
+            "state = 'queued', attempts = greatest(attempts - 1, 0),"
+            " reason = coalesce(%(reason)s, reason)",
+            {"reason": reason},
+        )
+        log.debug("%s: running -> queued (released, attempt not counted)", describe(after))
+        return after
+
+    def recover(self) -> int:
+        """Re-queue (or fail) the running jobs whose lease ran out; safe at any time."""
+        params = {"now": self._clock(), "max": self.max_attempts}
+
+        expired = [row_to_job(r) for r in self._fetch("recover", db.EXPIRE_LEASES, params)]
+        self._log_expired(expired)
+        return sum(job.state is JobState.QUEUED for job in expired)
+
+    # -- leases -----------------------------------------------------------------------------
+
+    def confirm(self, job_ids: Sequence[int]) -> set[int]:
+        if not job_ids:
+            return set()
+        now = self._clock()
+        params = {"ids": list(job_ids), "me": self._me, "now": now, "until": now + self.lease_s}
+
+        return {int(row[0]) for row in self._fetch("confirm", db.CONFIRM, params)}
+
+    def heartbeat(self) -> None:
+        now = self._clock()
+        params = {
+            "me": self._me,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "now": now,
+            "until": now + self.lease_s,
+            "before": now - FORGET_WORKERS_S,
+        }
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute(db.REGISTER, params)
+            await conn.execute(db.RENEW, params)
+            await conn.execute(db.FORGET_WORKERS, params)
+
+        self._run("heartbeat", work)
+
+    def workers(self) -> list[WorkerSeen]:
+        rows = self._fetch(
+            "workers",
+            "SELECT w.id, w.host, w.pid, w.started_at, w.heartbeat_at, count(j.id)"
+            " FROM ls_autoseg_workers w LEFT JOIN ls_autoseg_jobs j"
+            " ON j.owner = w.id AND j.state = 'running'"
+            " GROUP BY w.id ORDER BY w.heartbeat_at DESC, w.id",
+        )
+        return [
+            WorkerSeen(str(i), str(h), int(p), float(s), float(b), int(n))
+            for i, h, p, s, b, n in rows
+        ]
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        if self._closed:
+            raise RuntimeError(f"the job queue at {self.where} is closed")
+        self._callbacks.append(callback)
+        if self._listener is None:
+            self._listener = self._loop.call(self._start_listener(), CALL_TIMEOUT_S)
+
+    async def _start_listener(self) -> asyncio.Task[None]:
+        return asyncio.create_task(
+            listen(self._url, db.CHANNEL, self._notify, self.where), name="queue listener"
+        )
+
+    def _notify(self) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback()
+            except Exception:
+                log.exception("a queue subscriber failed")
+
+    def take_turn(self, name: str, interval_s: float) -> bool:
+        checks.delay_s(interval_s)
+        params = {"name": name, "now": self._clock(), "gap": interval_s * 0.9}
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> bool:
+            # The advisory lock makes the check and the record one step across instances;
+            # an instance that finds it taken lets this turn go to the holder.
+            cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (db.TURN_LOCK,))
+            got = await cur.fetchone()
+            if not (got and got[0]):
+                return False
+            cur = await conn.execute(
+                "INSERT INTO ls_autoseg_turns (name, last_at) VALUES (%(name)s, %(now)s)"
+                " ON CONFLICT (name) DO UPDATE SET last_at = EXCLUDED.last_at"
+                " WHERE ls_autoseg_turns.last_at <= EXCLUDED.last_at - %(gap)s RETURNING name",
+                params,
+            )
+            return await cur.fetchone() is not None
+
+        return self._run("take_turn", work)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def _one(self, action: str, query: str) -> tuple[Any, ...]:
+        (row,) = self._fetch(action, query)
+        return tuple(row)
+
+    def counts(self) -> dict[JobState, int]:
+        rows = self._fetch("counts", "SELECT state, count(*) FROM ls_autoseg_jobs GROUP BY state")
+        counted = {str(state): int(n) for state, n in rows}
+        return {state: counted.get(state.value, 0) for state in JobState}
+
+    def pending(self) -> int:
+        (n,) = self._one(
+            "pending", "SELECT count(*) FROM ls_autoseg_jobs WHERE state IN ('queued', 'running')"
+        )
+        return int(n)
+
+    def next_due(self) -> float | None:
+        (due,) = self._one(
+            "next_due", "SELECT min(not_before) FROM ls_autoseg_jobs WHERE state = 'queued'"
+        )
+        return None if due is None else float(due)
+
+    def get(self, project: int, task: int, model_version: str) -> Job | None:
+        rows = self._fetch(
+            "get",
+            f"SELECT {COLUMNS} FROM ls_autoseg_jobs WHERE project = %(p)s"
+            " AND task = %(t)s AND model_version = %(v)s",
+            {"p": project, "t": task, "v": model_version},
+        )
+        return row_to_job(rows[0]) if rows else None
+
+    def recent_failures(self, limit: int = 20) -> list[Job]:
+        return self._latest("recent_failures", "state = 'failed'", limit)
+
+    def waiting_retries(self, limit: int = 20) -> list[Job]:
+        return self._latest(
+            "waiting_retries", "state = 'queued' AND attempts > 0 AND reason IS NOT NULL", limit
+        )
+
+    def _latest(self, action: str, where: str, limit: int) -> list[Job]:
+        """Up to ``limit`` jobs matching ``where`` (a constant of this class), newest first."""
+        checks.limit(limit)
+        rows = self._fetch(
+            action,
+            f"SELECT {COLUMNS} FROM ls_autoseg_jobs WHERE {where}"
+            " ORDER BY updated_at DESC, id DESC LIMIT %(limit)s",
+            {"limit": limit},
+        )
+        return [row_to_job(row) for row in rows]
+
+    def check_writable(self) -> None:
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+            # A real write, rolled back: the server is up, takes writes, and is not read-only.
+            async with conn.transaction(force_rollback=True):
+                await conn.execute(
+                    "UPDATE ls_autoseg_meta SET value = value WHERE key = 'schema_version'"
+                )
+
+        self._run("write check", work)
+
+    def span(self) -> QueueSpan:
+        jobs, first_task, last_task, first_created, last_created, last_done = self._one(
+            "span",
+            "SELECT count(*), min(task), max(task), min(created_at), max(created_at),"
+            " max(updated_at) FILTER (WHERE state = 'done') FROM ls_autoseg_jobs",
+        )
+
+        def opt(value: Any) -> float | None:
+            return None if value is None else float(value)
+
+        return QueueSpan(
+            jobs=int(jobs),
+            accepted=0,
+            first_task=None if first_task is None else int(first_task),
+            last_task=None if last_task is None else int(last_task),
+            first_created=opt(first_created),
+            last_created=opt(last_created),
+            last_done=opt(last_done),
+        )
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop listening, leave the worker registry, close the pool; twice is fine."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.call(self._aclose(), CALL_TIMEOUT_S)
+        self._loop.stop()
+
+    async def _aclose(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+        pool = self._pool
+        if pool is None:
+            return
+        if not pool.closed:
+            try:
+                async with pool.connection(timeout=2) as conn:
+                    await conn.execute("DELETE FROM ls_autoseg_workers WHERE id = %s", (self._me,))
+            except (psycopg.Error, psycopg_pool.PoolTimeout):
+                pass  # the server is away: the row ages out of the registry
+            await pool.close(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,137 @@
+"""How the PostgreSQL queue talks to its server, apart from its logic in ``postgres.py``: the
+event loop it runs psycopg's async API on, how errors read, and the LISTEN connection.
+
+The ``JobQueue`` protocol is synchronous (its callers run it in threads, as SQLite's driver
+needs); psycopg's async pool and the listener want a loop that is always there, so each queue
+runs one in a daemon thread (``LoopThread``) and its methods wait for coroutines run there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn, TypeVar
+
+import psycopg
+import psycopg_pool
+from psycopg import sql
+
+from service.errors import ConfigError, RetryableError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT_S = 5  # one connection attempt (libpq takes whole seconds)
+CALL_TIMEOUT_S = 30.0  # one queue call, waiting for a pooled connection included
+LISTEN_RETRY_S = (0.5, 10.0)  # the listener's reconnect backoff: first, longest
+APPLICATION_NAME = "ls-autoseg"  # as pg_stat_activity shows our connections
+
+
+def public_url(url: str) -> str:
+    """``url`` without its password or options, for messages, logs and ``status``."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "the PostgreSQL server of queue.url"
+    user = f"{info['user']}@" if info.get("user") else ""
+    host = info.get("host") or "localhost"
+    port = f":{info['port']}" if info.get("port") else ""
+    return f"postgresql://{user}{host}{port}/{info.get('dbname', '')}"
+
+
+class LoopThread:
+    """An event loop in a daemon thread; ``call`` runs a coroutine there and waits for it.
+
+    Never call ``call`` from that loop's own thread (it would wait for itself)."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+def reraise(exc: BaseException, where: str, action: str) -> NoReturn:
+    """Raise ``exc`` as the project's error: what the operator must fix is a ``ConfigError``,
+    a server away, restarting or slow a ``RetryableError``; anything else (a bug) as is."""
+    if isinstance(
+        exc, psycopg.errors.InvalidPassword | psycopg.errors.InvalidAuthorizationSpecification
+    ):
+        raise ConfigError(f"{where} refused the login ({action}): check queue.url") from exc
+    if isinstance(exc, psycopg.errors.InvalidCatalogName):
+        raise ConfigError(f"{where}: no such database ({action}); create it first") from exc
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        raise ConfigError(f"{where}: not allowed ({action}): {exc}") from exc
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        raise RetryableError(f"{where} is unreachable ({action}): {exc}") from exc
+    if isinstance(exc, psycopg_pool.PoolTimeout | TimeoutError):
+        raise RetryableError(
+            f"{where} did not answer within {CALL_TIMEOUT_S:.0f} s ({action})"
+        ) from exc
+    raise exc
+
+
+def make_pool(url: str, max_size: int) -> psycopg_pool.AsyncConnectionPool[Any]:
+    """The queue's pool, not opened yet: connections checked as they are handed out (a
+    server restart leaves broken ones behind), a failed reconnect giving its slot up soon
+    (demand grows the pool again once the server is back)."""
+    return psycopg_pool.AsyncConnectionPool(
+        url,
+        min_size=1,
+        max_size=max_size,
+        open=False,
+        kwargs={"connect_timeout": CONNECT_TIMEOUT_S, "application_name": APPLICATION_NAME},
+        check=psycopg_pool.AsyncConnectionPool.check_connection,
+        timeout=CALL_TIMEOUT_S,
+        reconnect_timeout=CONNECT_TIMEOUT_S * 2,
+        name="ls-autoseg queue",
+    )
+
+
+async def connect(url: str, *, autocommit: bool = False) -> psycopg.AsyncConnection[Any]:
+    return await psycopg.AsyncConnection.connect(
+        url,
+        autocommit=autocommit,
+        connect_timeout=CONNECT_TIMEOUT_S,
+        application_name=APPLICATION_NAME,
+    )
+
+
+async def listen(url: str, channel: str, notify: Callable[[], None], where: str) -> None:
+    """LISTEN on ``channel`` on a connection of its own and call ``notify`` for each NOTIFY,
+    until cancelled. After a loss it reconnects with backoff and calls ``notify`` once (one
+    may have been missed meanwhile)."""
+    delay = LISTEN_RETRY_S[0]
+    lost = False
+    while True:
+        try:
+            async with await connect(url, autocommit=True) as conn:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                if lost:
+                    log.info("listening to %s again", where)
+                    notify()
+                delay, lost = LISTEN_RETRY_S[0], False
+                async for _ in conn.notifies():
+                    notify()
+        except psycopg.Error as exc:
+            if not lost:
+                log.warning("cannot listen to %s (workers poll meanwhile): %s", where, exc)
+            lost = True
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, LISTEN_RETRY_S[1])
