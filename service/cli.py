@@ -22,7 +22,7 @@ from service.config import (
     parse_threshold_flag,
     parse_thresholds,
 )
-from service.constants import TOKEN_ENV, TOKEN_TYPES, TokenType
+from service.constants import ROLES, TOKEN_ENV, TOKEN_TYPES, TokenType
 from service.errors import AutosegError, ConfigError
 
 log = logging.getLogger("service")
@@ -173,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
         "/ready and /metrics, work through the job queue and reconcile missed tasks.",
     )
     add_config_flag(serve)
+    serve.add_argument(
+        "--role",
+        choices=ROLES,
+        default=ROLES[0],
+        help="all: webhook and worker (default); intake: answer Label Studio only, never load "
+        "the model; worker: load the model and take jobs, no webhook route. intake and worker "
+        "need a shared queue (queue.url: postgresql://...)",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     hook = commands.add_parser(
@@ -427,7 +435,7 @@ def cmd_replace_annotations(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.server import serve
 
-    asyncio.run(serve(read_config(args)))
+    asyncio.run(serve(read_config(args), role=args.role))
     return EXIT_OK
 
 

@@ -33,3 +33,9 @@ TOKEN_TYPES: Final[tuple[TokenType, ...]] = get_args(TokenType)
 
 HTTP_SCHEMES: Final = ("http://", "https://")
 """What a Label Studio URL must start with (compared case-insensitively)."""
+
+# queue.url schemes naming the shared PostgreSQL queue (libpq takes both spellings).
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+# What one ``serve`` process does: ``all`` (webhook and worker), ``intake`` (answers Label
+# Studio, never loads the model) or ``worker`` (loads the model, takes jobs, no webhook route).
+ROLES = ("all", "intake", "worker")

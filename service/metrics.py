@@ -51,6 +51,8 @@ class WorkerMetrics(Protocol):
 
     def job_retried(self) -> None: ...
 
+    def job_lost(self) -> None: ...
+
     def inference(self, batch_size: int, seconds: float) -> None: ...
 
     def outage(self, active: bool) -> None: ...
@@ -64,6 +66,9 @@ class NoMetrics:
         pass
 
     def job_retried(self) -> None:
+        pass
+
+    def job_lost(self) -> None:
         pass
 
     def inference(self, batch_size: int, seconds: float) -> None:
@@ -99,6 +104,11 @@ class Metrics:
         self.job_retries = Counter(
             "ls_autoseg_job_retries_total",
             "Jobs put back in the queue for another attempt.",
+            registry=self.registry,
+        )
+        self.jobs_lost = Counter(
+            "ls_autoseg_jobs_lost_total",
+            "Jobs this worker dropped because its lease ran out (another worker took them).",
             registry=self.registry,
         )
         self.job_seconds = Histogram(
@@ -150,6 +160,9 @@ class Metrics:
 
     def job_retried(self) -> None:
         self.job_retries.inc()
+
+    def job_lost(self) -> None:
+        self.jobs_lost.inc()
 
     def inference(self, batch_size: int, seconds: float) -> None:
         """One model batch of ``batch_size`` images took ``seconds``."""

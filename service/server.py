@@ -4,6 +4,11 @@
 Starlette app (webhook intake) + worker (pipeline) + reconcile loop, under uvicorn. On
 SIGTERM/SIGINT uvicorn stops taking requests, the lifespan stops the worker, which finishes
 or re-queues what it holds, and the process exits 0.
+
+``--role`` picks the parts (``constants.ROLES``): ``all`` runs them all; ``intake`` the
+webhook and reconcile, without a model; ``worker`` the model, the worker and reconcile,
+without the webhook route. The split roles need a shared queue (``queue.url``); the SQLite
+queue is for one process, which holds the state lock on ``state_dir`` from build to close.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from starlette.applications import Starlette
 from service.app import Readiness, create_app
 from service.config import Config
 from service.connections import deadline_protocol
-from service.constants import WEBHOOK_PATH
+from service.constants import ROLES, WEBHOOK_PATH
 from service.errors import AutosegError, ConfigError
 from service.intake import WebhookIntake, WebhookSettings
 from service.intake.reconcile import Reconciler
@@ -56,15 +61,18 @@ def make_client(config: Config) -> LabelStudioClient:
 
 
 async def check_projects(
-    config: Config, client: LabelStudioClient, model_labels: tuple[str, ...]
+    config: Config, client: LabelStudioClient, model_labels: tuple[str, ...] | None
 ) -> dict[int, BrushTarget]:
-    """Each configured project's BrushTarget, or a ConfigError that says what to fix."""
+    """Each configured project's BrushTarget, or a ConfigError that says what to fix.
+    Without a model (``--role intake``) each project only has to exist: ``{}``."""
     if not config.projects:
         raise ConfigError(f"{config.source}: projects lists no Label Studio project")
     targets = {}
     for project in config.projects:
         try:
             found = await client.get_project(project.id)
+            if model_labels is None:
+                continue
             targets[project.id] = resolve_target(
                 found,
                 model_labels,
@@ -77,22 +85,36 @@ async def check_projects(
     return targets
 
 
+def check_role(config: Config, role: str) -> None:
+    """Refuse a split role on a queue for one process, before anything is started."""
+    if role not in ROLES:
+        raise ConfigError(f"--role must be one of {', '.join(ROLES)}, got {role!r}")
+    if role != "all" and config.queue.url is None:
+        raise ConfigError(
+            f"--role {role} needs a shared queue: the SQLite queue in state_dir is for one "
+            "process; set queue.url to a postgresql:// URL (or run --role all)"
+        )
+
+
 @dataclass
 class Service:
-    """The running parts; also the ``ServiceHooks`` the app calls."""
+    """The running parts of a role; also the ``ServiceHooks`` the app calls. ``worker`` and
+    ``model`` are None for ``--role intake``, ``webhook`` is None for ``--role worker``."""
 
-    # Held from build to close: one process works on the state directory (and recovers it).
+    # Held from build to close on a queue of one process: one process works on the state
+    # directory (and recovers it).
     state_lock: StateLock | None = dataclasses.field(default=None, init=False)
     config: Config
     queue: JobQueue
     client: LabelStudioClient
-    model: Segmenter
-    targets: dict[int, BrushTarget]
-    worker: Worker
+    model: Segmenter | None
+    targets: dict[int, BrushTarget]  # {} without a model
+    worker: Worker | None
     metrics: Metrics
     reconciler: Reconciler
-    webhook: WebhookSettings
+    webhook: WebhookSettings | None
     ready_cache_s: float = READY_CACHE_S
+    role: str = ROLES[0]
 
     def __post_init__(self) -> None:
         self._ready_cache: tuple[float, Readiness] | None = None
@@ -101,12 +123,16 @@ class Service:
         self._supervisor = Supervisor()
 
     @classmethod
-    async def build(cls, config: Config) -> Service:
-        webhook = WebhookSettings.from_config(config)  # before anything slow: it may refuse
+    async def build(cls, config: Config, role: str = ROLES[0]) -> Service:
+        check_role(config, role)
+        # Before anything slow: it may refuse (an intake needs the webhook secret).
+        webhook = WebhookSettings.from_config(config) if role != "worker" else None
+        if config.queue.url is not None:
+            return await cls._build(config, webhook, role)
         # Before anything slow too: a second serve on this state_dir exits at once.
         state_lock = StateLock.acquire(config.state_dir, "serve")
         try:
-            service = await cls._build(config, webhook)
+            service = await cls._build(config, webhook, role)
         except BaseException:
             state_lock.release()
             raise
@@ -114,43 +140,59 @@ class Service:
         return service
 
     @classmethod
-    async def _build(cls, config: Config, webhook: WebhookSettings) -> Service:
-        model = load_segmenter(config.model)
+    async def _build(cls, config: Config, webhook: WebhookSettings | None, role: str) -> Service:
+        model = load_segmenter(config.model) if role != "intake" else None
         client = make_client(config)
         try:
             user = await client.verify()
             log.info("Label Studio %s: signed in as %s", config.label_studio.url, user)
-            targets = await check_projects(config, client, model.labels)
+            targets = await check_projects(config, client, model.labels if model else None)
+            queue = open_queue(config)
         except BaseException:
             await client.aclose()
             raise
-        queue = open_queue(config)
+        # On a shared queue only the jobs whose lease ran out (any instance may do it).
         requeued = queue.recover()
         if requeued:
-            log.info("re-queued %d job(s) left running by the last run", requeued)
+            log.info("re-queued %d job(s) left running by a lost worker", requeued)
         metrics = Metrics(queue)
-        worker = Worker(
+        worker = None
+        if model is not None:
+            worker = Worker(
+                queue,
+                client,
+                model,
+                targets,
+                WorkerSettings(prediction=config.prediction, worker=config.worker),
+                metrics=metrics,
+            )
+        reconciler = Reconciler(
+            client,
+            queue,
+            [project.id for project in config.projects],
+            config.prediction.model_version,
+            config.reconcile,
+            # Without a worker here, the queue's NOTIFY wakes the workers elsewhere.
+            on_new=worker.wake if worker is not None else lambda: None,
+        )
+        return cls(
+            config,
             queue,
             client,
             model,
             targets,
-            WorkerSettings(prediction=config.prediction, worker=config.worker),
-            metrics=metrics,
+            worker,
+            metrics,
+            reconciler,
+            webhook,
+            role=role,
         )
-        reconciler = Reconciler(
-            client,
-            queue,
-            list(targets),
-            config.prediction.model_version,
-            config.reconcile,
-            on_new=worker.wake,
-        )
-        return cls(config, queue, client, model, targets, worker, metrics, reconciler, webhook)
 
     # -- ServiceHooks ---------------------------------------------------------------------
 
     def wake(self) -> None:
-        self.worker.wake()
+        if self.worker is not None:
+            self.worker.wake()
 
     def request_reconcile(self, project: int | None) -> None:
         self.reconciler.request(project)
@@ -161,8 +203,10 @@ class Service:
         now = time.monotonic()
         if self._ready_cache and now - self._ready_cache[0] < self.ready_cache_s:
             return self._ready_cache[1]
-        checks = {"model": "ok", "worker": self._worker_state(), "queue": await self._queue_state()}
-        if self.worker.outage is not None:
+        checks = {"queue": await self._queue_state()}
+        if self.worker is not None:
+            checks = {"model": "ok", "worker": self._worker_state(), **checks}
+        if self.worker is not None and self.worker.outage is not None:
             # the worker is waiting out an outage and probes by itself
             checks["label_studio"] = self.worker.outage
         else:
@@ -187,6 +231,7 @@ class Service:
         if task.done():
             failed = None if task.cancelled() else task.exception()
             return f"the worker stopped: {failed}" if failed else "the worker stopped"
+        assert self.worker is not None
         return self.worker.problem or "ok"
 
     async def _queue_state(self) -> str:
@@ -204,14 +249,26 @@ class Service:
     # -- running --------------------------------------------------------------------------
 
     def app(self) -> Starlette:
-        webhook = WebhookIntake(self.webhook, self.queue, self, self.metrics)
-        return create_app([webhook], self, self.metrics, lifespan=self.lifespan)
+        intakes = []
+        if self.webhook is not None:
+            intakes.append(WebhookIntake(self.webhook, self.queue, self, self.metrics))
+        return create_app(intakes, self, self.metrics, lifespan=self.lifespan)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        # The worker supervises its own loops; /ready reports a worker task that ended.
-        worker = self._worker_task = asyncio.create_task(self.worker.run(stop), name="worker")
+        worker: asyncio.Task[None] | None = None
+        if self.worker is not None:
+            if self.queue.shared:  # another instance's intake: NOTIFY wakes this worker
+                loop = asyncio.get_running_loop()
+                wake = self.worker.wake
+
+                def woken() -> None:
+                    loop.call_soon_threadsafe(wake)
+
+                await asyncio.to_thread(self.queue.subscribe, woken)
+            # The worker supervises its own loops; /ready reports a worker task that ended.
+            worker = self._worker_task = asyncio.create_task(self.worker.run(stop), name="worker")
         reconciler = asyncio.create_task(
             self._supervisor.run("reconcile", self.reconciler.run, stop), name="reconcile"
         )
@@ -224,7 +281,8 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await reconciler
             try:
-                await worker
+                if worker is not None:
+                    await worker
             except Exception:
                 log.exception("the worker had stopped")
             await self.close()
@@ -261,10 +319,11 @@ class _Server(uvicorn.Server):
 def make_server(service: Service) -> uvicorn.Server:
     server = service.config.server
     log.info(
-        "serving on http://%s:%s (POST %s, GET /health /ready /metrics)",
+        "serving on http://%s:%s as %s (%sGET /health /ready /metrics)",
         server.host,
         server.port,
-        WEBHOOK_PATH,
+        service.role,
+        f"POST {WEBHOOK_PATH}, " if service.webhook is not None else "",
     )
     return _Server(
         uvicorn.Config(
@@ -281,7 +340,7 @@ def make_server(service: Service) -> uvicorn.Server:
     )
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully and return (exit code 0)."""
-    service = await Service.build(config)
+async def serve(config: Config, role: str = ROLES[0]) -> None:
+    """Run ``role`` until SIGTERM/SIGINT, then shut down gracefully and return (exit code 0)."""
+    service = await Service.build(config, role)
     await make_server(service).serve()

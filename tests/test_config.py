@@ -27,6 +27,7 @@ from service.config import (
 )
 from service.config.section import field_defaults
 from service.errors import ConfigError
+from service.queue import open_queue
 
 MINIMAL = "model:\n  path: m.pt\n  labels: [a, b]\n"
 
@@ -280,7 +281,9 @@ def every_field_set(tmp_path: Path) -> dict[str, Any]:
             shutdown_grace_s=5.0,
             max_inflight_megapixels=64.5,
         ),
-        "queue": QueueConfig(retention_days=7.5),
+        "queue": QueueConfig(
+            url="postgresql://autoseg@db.example:5432/jobs", retention_days=7.5, lease_s=20.0
+        ),
     }
 
 
@@ -357,11 +360,39 @@ def test_shipped_config_documents_the_queue_section_with_its_defaults(tmp_path: 
         ("retention_days: .inf", "finite number"),
         ("retention_days: soon", "must be a number"),
         ("retention: 3", r"unknown key\(s\) \['retention'\] in queue"),
+        ("lease_s: 0", r"queue\.lease_s must be > 0"),
+        ("lease_s: -5", r"queue\.lease_s must be a finite number >= 0"),
+        ("url: mysql://u:hunter2@db/jobs", r"queue\.url must be sqlite or a postgresql://"),
+        ("url: /var/lib/jobs.sqlite3", r"queue\.url must be sqlite or a postgresql://"),
+        ("url: ${NO_SUCH_QUEUE_URL}", r"NO_SUCH_QUEUE_URL"),
     ],
 )
 def test_bad_queue_settings(tmp_path: Path, queue: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        load_config(write(tmp_path, MINIMAL + f"queue:\n  {queue}\n"), environ={})
+    with pytest.raises(ConfigError, match=message) as caught:
+        config = load_config(write(tmp_path, MINIMAL + f"queue:\n  {queue}\n"), environ={})
+        open_queue(config)  # a ${NAME} left unset is refused where the URL is needed
+    assert "hunter2" not in str(caught.value)  # a password in a refused URL is not echoed
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite", None),
+        ("postgresql://u@h:5/d", "postgresql://u@h:5/d"),
+        ("postgres://h/d", "postgres://h/d"),
+    ],
+)
+def test_queue_url_names_the_backend(tmp_path: Path, url: str, expected: str | None) -> None:
+    config = load_config(write(tmp_path, MINIMAL + f"queue: {{url: '{url}'}}\n"), environ={})
+    assert config.queue.url == expected
+    assert "u@h" not in repr(config.queue)  # never in a log line that shows the config
+
+
+def test_queue_url_comes_from_the_environment(tmp_path: Path) -> None:
+    text = MINIMAL + "queue: {url: '${LS_AUTOSEG_QUEUE_URL}'}\n"
+    url = "postgresql://autoseg:s3cret@db:5432/jobs"
+    config = load_config(write(tmp_path, text), environ={"LS_AUTOSEG_QUEUE_URL": url})
+    assert config.queue.url == url
 
 
 def test_a_whole_number_of_retention_days_reads_as_days(tmp_path: Path) -> None:

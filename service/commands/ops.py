@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
 from collections.abc import Iterator
 from typing import TextIO
 
@@ -86,7 +87,11 @@ async def backfill(config: Config, project: int | None, out: TextIO) -> dict[Job
 def _lock_if_free(config: Config, out: TextIO) -> Iterator[bool]:
     """Hold the state directory's lock if it is free (True: no other process works on it, so
     backfill may recover what a crash left running). Beside a running ``serve``: False, and
-    backfill only claims queued jobs, never the running ones that ``serve`` holds."""
+    backfill only claims queued jobs, never the running ones that ``serve`` holds. On a shared
+    queue: True, no lock (its ``recover`` takes only the jobs whose lease ran out)."""
+    if config.queue.url is not None:
+        yield True
+        return
     lock = StateLock.try_acquire(config.state_dir, "backfill")
     if lock is None:
         print(
@@ -111,7 +116,19 @@ def status(config: Config, out: TextIO, failures: int = 20) -> dict[JobState, in
         counts = queue.counts()
         waiting = queue.waiting_retries(failures)
         recent = queue.recent_failures(failures)
+        workers = queue.workers()
+        now, lease_s = time.time(), queue.lease_s
     print("jobs: " + ", ".join(f"{state.value} {counts[state]}" for state in JobState), file=out)
+    if lease_s is not None:
+        print(f"workers: {len(workers)}", file=out)
+    for seen in workers:
+        silent = now - seen.heartbeat_at
+        alive = "alive" if lease_s is None or silent <= lease_s else "lost (lease ran out)"
+        print(
+            f"  {seen.id} pid {seen.pid}: {alive}, last heartbeat {_when(seen.heartbeat_at)}"
+            f" ({silent:.0f} s ago), running {seen.running}, started {_when(seen.started_at)}",
+            file=out,
+        )
     for title, jobs, retry in (
         ("waiting for a retry", waiting, True),
         ("recent failures", recent, False),

@@ -32,6 +32,7 @@ from service.config.settings import (
     image_host_problem,
     url_problem,
 )
+from service.constants import POSTGRES_SCHEMES
 from service.errors import ConfigError
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -281,9 +282,19 @@ def _parse_worker(s: Section[WorkerConfig]) -> WorkerConfig:
 
 
 def _parse_queue(s: Section[QueueConfig]) -> QueueConfig:
-    queue = s.build(float_minimum=0.0)
+    url = s.secret("url")
+    if isinstance(url, str):
+        url = url.strip()
+        if url in ("", "sqlite"):
+            url = None
+        elif not url.startswith(POSTGRES_SCHEMES):
+            # Not echoed: it may hold a password.
+            raise s.error("url", "must be sqlite or a postgresql://user@host:port/db URL")
+    queue = s.build({"url": url}, float_minimum=0.0)
     if queue.retention_days == 0:  # would delete each job as it ends
         raise s.error("retention_days", "must be > 0")
+    if queue.lease_s == 0:
+        raise s.error("lease_s", "must be > 0")
     return queue
 
 

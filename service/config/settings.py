@@ -161,11 +161,19 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class QueueConfig:
-    """The job journal: how long finished jobs are kept."""
+    """The job journal: where it is, how long finished jobs are kept, how long a lost worker
+    keeps its jobs."""
 
+    # None (or "sqlite" in the file): the SQLite file in state_dir, for one process. A
+    # postgresql:// URL: the shared queue of any number of intake and worker instances. A
+    # secret (it may hold a password): ``${LS_AUTOSEG_QUEUE_URL}`` keeps it out of the file.
+    url: str | MissingEnv | None = field(default=None, repr=False)
     # Done and skipped jobs last changed longer ago than this are deleted, so the journal
     # does not grow for ever (failed ones stay for the operator).
     retention_days: float = 30.0
+    # PostgreSQL: a worker that stops renewing its leases (killed, frozen, cut off) loses its
+    # jobs to the others after this long. Workers renew every lease_s / 4.
+    lease_s: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,20 @@ class Reconciler:
             return
         self._asked.set()
 
+    async def _periodic(self) -> None:
+        """Ask for a pass over every project if this instance has the turn."""
+        try:
+            mine = await asyncio.to_thread(
+                self._queue.take_turn, "reconcile", self._settings.interval_s
+            )
+        except AutosegError as exc:  # the queue is away: the next interval asks again
+            log.warning("reconcile: cannot take a turn: %s", exc)
+            return
+        if mine:
+            self.request(None)
+        else:
+            log.debug("reconcile: another instance made this interval's pass")
+
     def _take(self) -> list[int]:
         """The projects asked for since the last pass, in config order; clears them."""
         if self._pending_all:
@@ -130,15 +144,21 @@ class Reconciler:
         return taken
 
     async def run(self) -> None:
-        """Forever, until cancelled; a failed pass is logged and the next one comes."""
+        """Forever, until cancelled; a failed pass is logged and the next one comes.
+
+        The start-up and periodic passes take a turn of the queue first: on a shared queue,
+        of all the instances with reconcile on, one makes each pass (``take_turn``)."""
         if self._settings.on_startup:
-            self.request(None)
+            await self._periodic()
         while True:
             try:
                 await asyncio.wait_for(self._asked.wait(), timeout=self._settings.interval_s)
             except TimeoutError:
-                self.request(None)
-            for project_id in self._take():
+                await self._periodic()
+            taken = self._take()
+            if taken:
+                log.info("reconcile pass over %d project(s)", len(taken))
+            for project_id in taken:
                 try:
                     new = await reconcile(
                         self._client, self._queue, project_id, self._model_version

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import PermanentError, RetryableError
+from service.errors import LeaseLost, PermanentError, RetryableError
 from service.labelstudio import PredictionIn, Task
 from service.labelstudio.client import LabelStudioClient
 from service.metrics import NoMetrics, WorkerMetrics
@@ -190,6 +190,8 @@ class Worker:
             asyncio.create_task(supervise("infer", self._infer_loop), name="infer"),
             asyncio.create_task(supervise("post", self._post_loop), name="post"),
         ]
+        if self.queue.lease_s is not None:
+            loops.append(asyncio.create_task(supervise("lease", self._lease_loop), name="lease"))
         try:
             await supervise(
                 "claim",
@@ -244,6 +246,15 @@ class Worker:
             if jobs:
                 continue
             await self._wait(stop)
+
+    async def _lease_loop(self) -> None:
+        """Renew this worker's leases on a shared queue, four times per ``lease_s``: a worker
+        frozen or cut off longer than that loses its jobs to the others."""
+        assert self.queue.lease_s is not None
+        while True:
+            await asyncio.to_thread(self.queue.heartbeat)
+            self._supervisor.ok("lease")
+            await asyncio.sleep(self.queue.lease_s / 4)
 
     async def _wait(self, stop: asyncio.Event) -> None:
         timeout = self.settings.worker.idle_poll_s
@@ -434,6 +445,7 @@ class Worker:
                         await settle(item.job, outcome, item.started)
                     else:
                         to_post.append((item, prediction))
+                to_post = await self._still_held(to_post)
                 outcomes = await self._post(project, to_post)
             for (item, _), posted in zip(to_post, outcomes, strict=True):
                 await settle(item.job, posted, item.started)
@@ -442,6 +454,21 @@ class Worker:
                 if self.held.holds(item.job):  # not settled, nor being settled
                     await settle(item.job, exc, item.started, reraise=False)
             raise
+
+    async def _still_held(
+        self, items: list[tuple[_Prepared, PredictionIn]]
+    ) -> list[tuple[_Prepared, PredictionIn]]:
+        """On a shared queue, the items whose jobs this worker still holds, leases renewed;
+        the others (it was frozen or cut off past its lease, another worker has them) are
+        dropped unposted. A queue of one process holds every job it handed out."""
+        if not self.queue.shared or not items:
+            return items
+        held = await asyncio.to_thread(self.queue.confirm, [item.job.id for item, _ in items])
+        for item, _ in items:
+            if item.job.id not in held:
+                lost = LeaseLost(f"job {item.job.id}: its lease ran out before the post")
+                await self._settler.settle(item.job, lost, item.started)
+        return [(item, prediction) for item, prediction in items if item.job.id in held]
 
     async def _build(self, item: _Prepared, result: ImagePrediction | str) -> PredictionIn:
         if isinstance(result, str):

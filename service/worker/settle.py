@@ -11,7 +11,8 @@ reason; an exception is sorted by the tree in ``service/errors.py``, in this ord
   attempt limit fails it;
 - any other ``AutosegError``: ``failed`` with its message;
 - any other ``Exception``: ``failed`` as an internal error (logged with its traceback);
-- a cancel (shutdown): given back without counting the attempt.
+- a cancel (shutdown): given back without counting the attempt;
+- ``LeaseLost`` (a shared queue gave the job to another worker): dropped, nothing recorded.
 
 Every path goes through :meth:`Held.settling`, so a job settles once, and gives back the
 decoded pixels it held (``budget.py``); a journal write that fails is logged and touches no
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from service.config import WorkerConfig
-from service.errors import AutosegError, NotYetVisible, RetryableError, SkipJob
+from service.errors import AutosegError, LeaseLost, NotYetVisible, RetryableError, SkipJob
 from service.metrics import WorkerMetrics
 from service.queue import Job, JobQueue, JobState
 from service.worker.budget import PixelBudget
@@ -71,11 +72,17 @@ class Settler:
             try:
                 if isinstance(outcome, str):
                     await self._finish(job, JobState.DONE, outcome, started)
+                elif isinstance(outcome, LeaseLost):
+                    raise outcome
                 else:
                     await self._sort(job, outcome, started)
             except asyncio.CancelledError:
                 if reraise:
                     raise
+            except LeaseLost as exc:
+                # Another worker holds it now and records its outcome; ours is not to record.
+                log.warning("job %s task %s: dropped by this worker: %s", job.id, job.task, exc)
+                self.metrics.job_lost()
             except Exception:
                 log.exception(
                     "job %s project %s task %s: recording its outcome failed",
