@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # httpx logs each request's whole URL at INFO: image passwords, presigned signatures.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # psycopg's pool warns at every failed reconnect while PostgreSQL is away (several a
+    # second); the queue's own errors say it once per failed call, and /ready says why.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     try:
         code: int = args.handler(args)
     except AutosegError as exc:

@@ -24,10 +24,24 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+APPLICATION_NAME = "ls-autoseg"  # as pg_stat_activity shows our connections
 CONNECT_TIMEOUT_S = 5  # one connection attempt (libpq takes whole seconds)
 CALL_TIMEOUT_S = 30.0  # one queue call, waiting for a pooled connection included
+# How long a call waits for a pooled connection: while the server is away, calls fail this
+# soon (the webhook answers 503 at once) instead of piling up in the threads that run them.
+POOL_WAIT_S = 3.0
+# libpq's own: a connection whose peer vanished without a word (a cut network) is found dead
+# within ~20 s instead of the kernel's two hours; keeps a frozen query from holding a lease.
+CONNECTION_KWARGS: dict[str, Any] = {
+    "connect_timeout": CONNECT_TIMEOUT_S,
+    "application_name": APPLICATION_NAME,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 20000,
+}
 LISTEN_RETRY_S = (0.5, 10.0)  # the listener's reconnect backoff: first, longest
-APPLICATION_NAME = "ls-autoseg"  # as pg_stat_activity shows our connections
 
 
 def public_url(url: str) -> str:
@@ -80,7 +94,12 @@ def reraise(exc: BaseException, where: str, action: str) -> NoReturn:
         raise ConfigError(f"{where}: not allowed ({action}): {exc}") from exc
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         raise RetryableError(f"{where} is unreachable ({action}): {exc}") from exc
-    if isinstance(exc, psycopg_pool.PoolTimeout | TimeoutError):
+    if isinstance(exc, psycopg_pool.PoolTimeout):
+        raise RetryableError(
+            f"{where} gave no connection within {POOL_WAIT_S:.0f} s ({action}): unreachable,"
+            " or every connection busy"
+        ) from exc
+    if isinstance(exc, TimeoutError):
         raise RetryableError(
             f"{where} did not answer within {CALL_TIMEOUT_S:.0f} s ({action})"
         ) from exc
@@ -96,21 +115,16 @@ def make_pool(url: str, max_size: int) -> psycopg_pool.AsyncConnectionPool[Any]:
         min_size=1,
         max_size=max_size,
         open=False,
-        kwargs={"connect_timeout": CONNECT_TIMEOUT_S, "application_name": APPLICATION_NAME},
+        kwargs=CONNECTION_KWARGS,
         check=psycopg_pool.AsyncConnectionPool.check_connection,
-        timeout=CALL_TIMEOUT_S,
+        timeout=POOL_WAIT_S,
         reconnect_timeout=CONNECT_TIMEOUT_S * 2,
         name="ls-autoseg queue",
     )
 
 
 async def connect(url: str, *, autocommit: bool = False) -> psycopg.AsyncConnection[Any]:
-    return await psycopg.AsyncConnection.connect(
-        url,
-        autocommit=autocommit,
-        connect_timeout=CONNECT_TIMEOUT_S,
-        application_name=APPLICATION_NAME,
-    )
+    return await psycopg.AsyncConnection.connect(url, autocommit=autocommit, **CONNECTION_KWARGS)
 
 
 async def listen(url: str, channel: str, notify: Callable[[], None], where: str) -> None:
