@@ -51,6 +51,7 @@ from service.queue import Job, JobQueue
 from service.results import BrushTarget, build_prediction
 from service.worker.budget import PixelBudget
 from service.worker.held import Held
+from service.worker.leases import Leases
 from service.worker.outage import OutageWatch
 from service.worker.settings import WorkerSettings
 from service.worker.settle import Settler
@@ -156,6 +157,7 @@ class Worker:
         self._ls_files = asyncio.Semaphore(settings.worker.concurrency)
         self._batch: list[_Prepared] = []  # in the model right now
         self._supervisor = Supervisor()
+        self._leases = Leases(queue, client, settings.prediction.model_version)
 
     @property
     def busy(self) -> int:
@@ -191,7 +193,8 @@ class Worker:
             asyncio.create_task(supervise("post", self._post_loop), name="post"),
         ]
         if self.queue.lease_s is not None:
-            loops.append(asyncio.create_task(supervise("lease", self._lease_loop), name="lease"))
+            renew = functools.partial(self._leases.renew, self._supervisor)
+            loops.append(asyncio.create_task(supervise("lease", renew), name="lease"))
         try:
             await supervise(
                 "claim",
@@ -246,15 +249,6 @@ class Worker:
             if jobs:
                 continue
             await self._wait(stop)
-
-    async def _lease_loop(self) -> None:
-        """Renew this worker's leases on a shared queue, four times per ``lease_s``: a worker
-        frozen or cut off longer than that loses its jobs to the others."""
-        assert self.queue.lease_s is not None
-        while True:
-            await asyncio.to_thread(self.queue.heartbeat)
-            self._supervisor.ok("lease")
-            await asyncio.sleep(self.queue.lease_s / 4)
 
     async def _wait(self, stop: asyncio.Event) -> None:
         timeout = self.settings.worker.idle_poll_s
@@ -445,7 +439,6 @@ class Worker:
                         await settle(item.job, outcome, item.started)
                     else:
                         to_post.append((item, prediction))
-                to_post = await self._still_held(to_post)
                 outcomes = await self._post(project, to_post)
             for (item, _), posted in zip(to_post, outcomes, strict=True):
                 await settle(item.job, posted, item.started)
@@ -454,21 +447,6 @@ class Worker:
                 if self.held.holds(item.job):  # not settled, nor being settled
                     await settle(item.job, exc, item.started, reraise=False)
             raise
-
-    async def _still_held(
-        self, items: list[tuple[_Prepared, PredictionIn]]
-    ) -> list[tuple[_Prepared, PredictionIn]]:
-        """On a shared queue, the items whose jobs this worker still holds, leases renewed;
-        the others (it was frozen or cut off past its lease, another worker has them) are
-        dropped unposted. A queue of one process holds every job it handed out."""
-        if not self.queue.shared or not items:
-            return items
-        held = await asyncio.to_thread(self.queue.confirm, [item.job.id for item, _ in items])
-        for item, _ in items:
-            if item.job.id not in held:
-                lost = LeaseLost(f"job {item.job.id}: its lease ran out before the post")
-                await self._settler.settle(item.job, lost, item.started)
-        return [(item, prediction) for item, prediction in items if item.job.id in held]
 
     async def _build(self, item: _Prepared, result: ImagePrediction | str) -> PredictionIn:
         if isinstance(result, str):
@@ -498,15 +476,22 @@ class Worker:
         """
         limit = asyncio.Semaphore(self.settings.worker.concurrency)
 
-        async def one(prediction: PredictionIn) -> BaseException | str:
+        async def one(job: Job, prediction: PredictionIn) -> BaseException | str:
             async with limit:
+                if not await self._leases.holds(job):
+                    return LeaseLost(f"job {job.id}: its lease ran out before the post")
                 try:
                     created = await self.client.create_prediction(prediction, retry=False)
                 except Exception as exc:
                     return exc
+                if not await self._leases.holds(job):
+                    await self._leases.undo_if_twice(job, created)
+                    return LeaseLost(f"job {job.id}: its lease ran out during the post")
                 return f"prediction {created}"
 
-        return list(await asyncio.gather(*(one(prediction) for _, prediction in items)))
+        return list(
+            await asyncio.gather(*(one(item.job, prediction) for item, prediction in items))
+        )
 
     def _target(self, job: Job) -> BrushTarget:
         target = self.targets.get(job.project)

@@ -1,0 +1,220 @@
+"""The worker on a shared queue that takes its jobs away: a worker frozen or cut off past its
+lease comes back to find another worker holds them. It must not post for them, nor record
+their outcome; a post that landed while the job was being taken over is undone when the new
+holder posted too. The queue is the real PostgreSQL one (its clock moved by the test, so a
+lease runs out on demand), Label Studio the ``FakeLabelStudio`` of test_worker_faults.py
+(it steals the jobs at the moment a test picks), the model an exact fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from test_queue_contract import FakeClock
+from test_worker_faults import (
+    PROJECT,
+    FakeLabelStudio,
+    assert_one_correct_prediction_each,
+    fake_client,
+    make_worker,
+)
+
+from service.config import ModelConfig, PredictionConfig
+from service.metrics import NoMetrics
+from service.model.torchscript import SegmentationModel
+from service.queue import JobState
+from service.queue.postgres import PostgresJobQueue
+
+LEASE_S = 30.0
+VERSION = PredictionConfig().model_version
+PREDICTION_RE = re.compile(r"^/api/predictions/(\d+)/$")
+
+
+@dataclass
+class Lost(NoMetrics):
+    lost: int = 0
+
+    def job_lost(self) -> None:
+        self.lost += 1
+
+
+@dataclass
+class StealingLabelStudio(FakeLabelStudio):
+    """Calls ``steal`` once, on the first request that ``when`` matches (after answering it
+    when ``after`` is set), as if the worker froze there past its lease; answers DELETEs."""
+
+    when: Callable[[httpx.Request], bool] = lambda request: False
+    steal: Callable[[httpx.Request], None] = lambda request: None
+    after: bool = False
+    stolen: bool = False
+    deleted: list[int] = field(default_factory=list)
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        trigger = not self.stolen and self.when(request)
+        if trigger and not self.after:
+            self.stolen = True
+            self.steal(request)
+        response = super().handler(request)
+        if trigger and self.after:
+            self.stolen = True
+            self.steal(request)
+        return response
+
+    def answer(self, request: httpx.Request) -> httpx.Response:
+        match = PREDICTION_RE.match(request.url.path)
+        if match and request.method == "DELETE":
+            gone = int(match.group(1))
+            self.deleted.append(gone)
+            for task, posted in self.predictions.items():
+                self.predictions[task] = [p for p in posted if p["id"] != gone]
+            return httpx.Response(204)
+        return super().answer(request)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def queues(pg_url: str, clock: FakeClock) -> Iterator[tuple[PostgresJobQueue, PostgresJobQueue]]:
+    """The worker's handle, and another worker's (the one that takes the jobs over)."""
+    with (
+        PostgresJobQueue(pg_url, max_attempts=4, lease_s=LEASE_S, clock=clock) as mine,
+        PostgresJobQueue(pg_url, max_attempts=4, lease_s=LEASE_S, clock=clock) as other,
+    ):
+        yield mine, other
+
+
+Run = Callable[[StealingLabelStudio], Lost]
+
+
+@pytest.fixture
+def run(
+    queues: tuple[PostgresJobQueue, PostgresJobQueue], colour_model: Callable[..., ModelConfig]
+) -> Run:
+    """Run the worker on ``mine`` until it holds nothing and no job of it is queued."""
+    mine, _ = queues
+    model = SegmentationModel.load(colour_model(channels=1))
+
+    def go(fake: StealingLabelStudio) -> Lost:
+        metrics = Lost()
+
+        async def main() -> None:
+            client = fake_client(fake.handler, timeout_s=5, retries=1, backoff_s=0.001)
+            worker = make_worker(
+                mine,  # type: ignore[arg-type]
+                client,
+                model,
+                metrics,
+                prediction=PredictionConfig(min_pixels=0, prob_upsample=False),
+                idle_poll_s=0.02,
+                settle_s=0,
+            )
+            mine.enqueue(PROJECT, fake.tasks, "v1")
+            stop = asyncio.Event()
+            runner = asyncio.create_task(worker.run(stop))
+            try:
+                async with asyncio.timeout(20):
+                    while mine.counts()[JobState.QUEUED] or worker.busy or not fake.stolen:
+                        assert not runner.done(), runner
+                        await asyncio.sleep(0.01)
+            finally:
+                stop.set()
+                await runner
+                await client.aclose()
+
+        asyncio.run(main())
+        return metrics
+
+    return go
+
+
+def take_over(
+    queues: tuple[PostgresJobQueue, PostgresJobQueue], clock: FakeClock, into: list[int]
+) -> Callable[[httpx.Request], None]:
+    """The worker stalls past its lease; the other worker's claim takes one of its jobs (a
+    lost worker's jobs run alone) and ``into`` collects its id."""
+    _, other = queues
+
+    def steal(request: httpx.Request) -> None:
+        clock.advance(LEASE_S + 1)
+        into.extend(job.id for job in other.claim(10))
+
+    return steal
+
+
+def test_jobs_taken_over_before_the_post_are_never_posted(
+    queues: tuple[PostgresJobQueue, PostgresJobQueue], clock: FakeClock, run: Run
+) -> None:
+    mine, other = queues
+    taken: list[int] = []
+    reads = []
+
+    def second_list_read(request: httpx.Request) -> bool:
+        # The first reads the group before the downloads, the second re-checks it right
+        # before posting: the worker stalls just after that one.
+        if request.method == "GET" and request.url.path == "/api/tasks/":
+            reads.append(request)
+        return len(reads) == 2
+
+    fake = StealingLabelStudio(tasks=[1, 2, 3], when=second_list_read, after=True)
+    fake.steal = take_over(queues, clock, taken)
+    metrics = run(fake)
+    # The other worker took one (a lost worker's jobs run alone); its lease ran out on all
+    # three, so the worker dropped all three unposted, then claimed back the two still queued.
+    assert metrics.lost == 3
+    (held_elsewhere,) = taken
+    other_job = other.get(PROJECT, 1, "v1")
+    assert other_job is not None and other_job.id == held_elsewhere
+    assert other_job.state is JobState.RUNNING  # untouched: the other worker's to conclude
+    assert 1 not in fake.predictions  # never posted by a worker that no longer held it
+    assert_one_correct_prediction_each(fake, [2, 3])
+    assert other.mark_done(held_elsewhere, "by the other worker").state is JobState.DONE
+    assert mine.counts()[JobState.DONE] == 3
+
+
+def test_a_post_that_lands_during_a_takeover_is_undone_when_the_new_holder_posted_too(
+    queues: tuple[PostgresJobQueue, PostgresJobQueue], clock: FakeClock, run: Run
+) -> None:
+    taken: list[int] = []
+    fake = StealingLabelStudio(
+        tasks=[4],
+        when=lambda r: r.method == "POST" and r.url.path == "/api/predictions/",
+        after=True,
+    )
+    steal = take_over(queues, clock, taken)
+
+    def steal_and_post(request: httpx.Request) -> None:
+        steal(request)
+        ours = fake.predictions[4][-1]
+        fake.store({**ours, "id": None})  # the new holder's own post of the same task
+
+    fake.steal = steal_and_post
+    metrics = run(fake)
+    assert taken and metrics.lost == 1
+    assert len(fake.deleted) == 1
+    assert [p["id"] for p in fake.predictions[4]] != fake.deleted
+    assert_one_correct_prediction_each(fake, [4])
+
+
+def test_a_post_that_lands_during_a_takeover_stays_when_it_is_the_only_one(
+    queues: tuple[PostgresJobQueue, PostgresJobQueue], clock: FakeClock, run: Run
+) -> None:
+    taken: list[int] = []
+    fake = StealingLabelStudio(
+        tasks=[5],
+        when=lambda r: r.method == "POST" and r.url.path == "/api/predictions/",
+        after=True,
+    )
+    fake.steal = take_over(queues, clock, taken)
+    metrics = run(fake)
+    assert taken and metrics.lost == 1
+    assert fake.deleted == []  # the new holder's re-check finds it and skips
+    assert_one_correct_prediction_each(fake, [5])
+    assert all(p["model_version"] == VERSION for p in fake.predictions[5])
