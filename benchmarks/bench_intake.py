@@ -3,6 +3,7 @@
 Run from the repository root (no Label Studio needed; about a minute with the defaults):
 
     .venv/bin/python benchmarks/bench_intake.py [--senders 8] [--bodies 320] [--tasks 5000]
+    .venv/bin/python benchmarks/bench_intake.py --postgres   # the same on a PostgreSQL queue
 
 What runs: the service's real web app (``service.app.create_app`` with its
 ``WebhookIntake``) and its real job queue
@@ -16,6 +17,12 @@ the service side of the app: its ``wake()`` expands the queue's inbox into jobs 
 grows (the worst case for the queue's indexes) and every body's 5000-row insert happens in
 the server process during the run, as it would in the service.
 
+``--postgres`` runs the same against the shared queue (``queue.url`` in the config file, so
+``PostgresJobQueue``): a throwaway cluster from ``service.local.pgserver`` with ``fsync=on``,
+as ``serve --role intake`` would use it (its ``accept`` inserts the jobs at once, nothing to
+expand, and the app wakes no worker: the queue's NOTIFY does). ``--queue-url URL`` uses a
+PostgreSQL database of your own instead (one that holds no jobs yet).
+
 What is measured: bodies shaped like Label Studio 1.23's (every Task field, plus the
 serialized project; Label Studio sends at most ``WEBHOOK_BATCH_SIZE`` = 5000 tasks per body),
 each with ``--tasks`` task ids distinct across all bodies, so each really becomes that many
@@ -28,8 +35,8 @@ Printed: the machine (CPU model from /proc/cpuinfo, cores this process may use, 
 the file system of the state folder), p50, p95, p99 and max latency, bodies/s and task
 rows/s, the p50 of the first and of the last tenth of the bodies (does enqueue slow down as
 the table grows?), then the durability check: the server is killed with SIGKILL (no graceful
-shutdown, so only what was committed survives), the SQLite file is opened afresh, what was
-still in the inbox is expanded (as the restarted service's first claim does), and it must hold
+shutdown, so only what was committed survives), the queue is opened afresh (on SQLite, what
+was still in the inbox is expanded, as the restarted service's first claim does), and it must hold
 exactly one queued job per task id sent (read through the queue's API: ``span``, ``counts``);
 every answer must have said ``queued: --tasks``.
 The last line is the ratio p99 / 250 ms target (below 1.00 meets the target; lower is better).
@@ -42,9 +49,11 @@ The client runs on the same machine as the server and takes CPU from it: on a sm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -71,6 +80,7 @@ PROJECT = 1
 # Label Studio's own limits, for the reader: at most 5000 tasks per TASKS_CREATED body
 # (WEBHOOK_BATCH_SIZE) and a 1 s timeout (WEBHOOK_TIMEOUT), never retried.
 LS_TIMEOUT_S = 1.0
+SHOWN = ("server_version", "fsync")  # PostgreSQL's settings the machine line names
 
 
 # --------------------------------------------------------------------------- server side
@@ -78,13 +88,17 @@ LS_TIMEOUT_S = 1.0
 
 class _ExpandingHooks:
     """The service side of the app, reduced to what the worker does to the queue when woken
-    with nobody claiming: it expands the inbox into jobs (``queue.expand``, the first step of
-    every ``claim``) in a thread, as the service's worker would. Jobs only pile up."""
+    with nobody claiming: on SQLite it expands the inbox into jobs (``queue.expand``, the first
+    step of every ``claim``) in a thread, as the service's worker would. Jobs only pile up.
+    On PostgreSQL (``--role intake``: no worker in the process) waking does nothing."""
 
     def __init__(self, queue: Any) -> None:
+        from service.queue import SQLiteJobQueue
+
         self._queue = queue
         self._woken = threading.Event()
-        threading.Thread(target=self._expand_loop, daemon=True).start()
+        if isinstance(queue, SQLiteJobQueue):
+            threading.Thread(target=self._expand_loop, daemon=True).start()
 
     def _expand_loop(self) -> None:
         while True:
@@ -313,6 +327,10 @@ def main() -> int:
         "--solo", type=int, default=10, help="bodies sent one at a time first (default 10)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument(
+        "--postgres", action="store_true", help="a PostgreSQL queue on a throwaway cluster"
+    )
+    parser.add_argument("--queue-url", help="a PostgreSQL queue of your own (empty)")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # the server subprocess
     args = parser.parse_args()
     if args.serve:
@@ -320,23 +338,61 @@ def main() -> int:
         return 0
     if min(args.senders, args.bodies, args.tasks) < 1 or args.solo < 0:
         parser.error("--senders, --bodies and --tasks must be >= 1, --solo >= 0")
+    if args.postgres and args.queue_url:
+        parser.error("--postgres starts a cluster of its own: give it or --queue-url")
+    with contextlib.ExitStack() as stack:
+        url = args.queue_url
+        if args.postgres:
+            from service.local import pgserver
 
+            base = Path(tempfile.mkdtemp(prefix="bench-intake-pg-"))
+            stack.callback(shutil.rmtree, base, ignore_errors=True)
+            url = stack.enter_context(pgserver.cluster(base, fsync=True)).database("bench_intake")
+        return measure(args, url)
+
+
+def queue_facts(config: Any) -> str:
+    """The queue's part of the machine line: SQLite's version and file system, or the
+    PostgreSQL server's version and fsync setting (checked to hold no jobs yet)."""
+    from service.queue import open_queue
+    from service.queue.backends import queue_url
+
+    url = queue_url(config)
+    if url is None:
+        return f"SQLite {sqlite3.sqlite_version}; state_dir on {filesystem_of(config.state_dir)}"
+    import psycopg
+
+    from service.queue.postgres_io import public_url
+
+    with open_queue(config) as queue:
+        if queue.span().jobs:
+            raise SystemExit(f"the queue at {public_url(url)} holds jobs: give an empty one")
+    with psycopg.connect(url) as conn:
+        version, fsync = (conn.execute(f"SHOW {name}").fetchall()[0][0] for name in SHOWN)
+    return f"PostgreSQL {version} (fsync {fsync}) as the queue (queue.url)"
+
+
+def measure(args: argparse.Namespace, url: str | None) -> int:
+    from service.config import QueueConfig
     from service.local.lsserver import free_port
 
     folder = Path(tempfile.mkdtemp(prefix="bench-intake-"))
     port = free_port()
     # the Label Studio URL is never called: no worker runs
-    config_path, config = service_config(folder, "http://127.0.0.1:9", PROJECT, port)
-    state_dir = config.state_dir
-    state_dir.mkdir()
-    print(
-        machine_line(
-            f"python {platform.python_version()}",
-            f"SQLite {sqlite3.sqlite_version}",
-            f"state_dir on {filesystem_of(state_dir)}",
-        ),
-        flush=True,
+    config_path, config = service_config(
+        folder,
+        "http://127.0.0.1:9",
+        PROJECT,
+        port,
+        queue=QueueConfig(url=url) if url is not None else None,
     )
+    config.state_dir.mkdir()
+    try:
+        facts = queue_facts(config)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    print(machine_line(f"python {platform.python_version()}", facts), flush=True)
 
     total = args.solo + args.bodies
     project = project_payload()
@@ -375,7 +431,7 @@ def main() -> int:
             f"CPU in that phase ({wall:.1f} s x {len(os.sched_getaffinity(0))} cores): server "
             f"{server_s:.1f} s ({1000 * server_s / len(loaded):.1f} ms a body), client "
             f"{client_s:.1f} s ({1000 * client_s / len(loaded):.1f} ms a body), other processes"
-            f" {max(other_s, 0.0):.1f} s",
+            f" {max(other_s, 0.0):.1f} s" + (" (PostgreSQL's among them)" if url else ""),
             flush=True,
         )
         tenth = max(1, len(ms) // 10)
@@ -396,14 +452,15 @@ def main() -> int:
         for i, _, status, text in answers
         if status == 200 and json.loads(text) != {"queued": args.tasks}
     ]
-    # What the restarted service does first: open the file afresh, and its first claim
-    # expands the inbox (SQLite's own fast path for webhooks, not part of JobQueue).
+    # What the restarted service does first: open the queue afresh, and on SQLite its first
+    # claim expands the inbox (SQLite's own fast path for webhooks, not part of JobQueue).
     from service.queue import JobState, SQLiteJobQueue, open_queue
 
     with open_queue(config) as reopened:
-        assert isinstance(reopened, SQLiteJobQueue)
+        on_sqlite = isinstance(reopened, SQLiteJobQueue)
         in_inbox = reopened.span().accepted
-        reopened.expand()
+        if isinstance(reopened, SQLiteJobQueue):
+            reopened.expand()
         span, queued = reopened.span(), reopened.counts()[JobState.QUEUED]
     expected = total * args.tasks
     # A job's key is (project, task, model_version): one project and version here, so
@@ -415,8 +472,13 @@ def main() -> int:
         and (span.first_task, span.last_task) == (1, expected)
     )
     print(
-        f"durability (server SIGKILLed with {in_inbox:,} ids not yet expanded, SQLite file "
-        f"reopened and its inbox expanded): {span.jobs:,} jobs (one per task id), "
+        "durability (server SIGKILLed"
+        + (
+            f" with {in_inbox:,} ids not yet expanded, SQLite file reopened and its inbox expanded"
+            if on_sqlite
+            else ", the PostgreSQL queue reopened"
+        )
+        + f"): {span.jobs:,} jobs (one per task id), "
         f"{queued:,} queued, ids {span.first_task}..{span.last_task}; expected {expected:,}: "
         f"{'OK' if durable else 'MISMATCH'}; non-200 answers {len(bad)}, answers not "
         f"'queued: {args.tasks}' {len(wrong)}",
@@ -427,8 +489,6 @@ def main() -> int:
     if args.keep:
         print(f"kept {folder} (server log: {log})")
     else:
-        import shutil
-
         shutil.rmtree(folder, ignore_errors=True)
 
     p99 = percentile(ms, 99)

@@ -56,11 +56,12 @@ def service_config(
     base: Path = REPO / "config.yaml",
     device: str | None = None,
     reconcile: settings.ReconcileConfig | None = None,
+    queue: settings.QueueConfig | None = None,
 ) -> tuple[Path, settings.Config]:
     """``base`` (the repository's config.yaml unless given) with this run's Label Studio URL,
-    project, server and state_dir, and ``model.device`` and ``reconcile`` where given, written
-    to ``folder`` by the service's own writer. Returns its path and the settings read back
-    (``${...}`` values unset: ``serve`` reads them from its environment)."""
+    project, server and state_dir, and ``model.device``, ``reconcile`` and ``queue`` where
+    given, written to ``folder`` by the service's own writer. Returns its path and the
+    settings read back (``${...}`` values unset: ``serve`` reads them from its environment)."""
     given = settings.load_config(base, environ={})
     secret = settings.MissingEnv(SECRET_ENV)
     path = settings.write_config(
@@ -73,5 +74,6 @@ def service_config(
         state_dir=folder / "state",
         reconcile=reconcile or given.reconcile,
         worker=given.worker,
+        queue=queue,
     )
     return path, settings.load_config(path, environ={})
