@@ -341,14 +341,15 @@ def main() -> int:
     if args.postgres and args.queue_url:
         parser.error("--postgres starts a cluster of its own: give it or --queue-url")
     with contextlib.ExitStack() as stack:
-        url = args.queue_url
+        pg_url = args.queue_url
         if args.postgres:
             from service.local import pgserver
 
             base = Path(tempfile.mkdtemp(prefix="bench-intake-pg-"))
             stack.callback(shutil.rmtree, base, ignore_errors=True)
-            url = stack.enter_context(pgserver.cluster(base, fsync=True)).database("bench_intake")
-        return measure(args, url)
+            pg = stack.enter_context(pgserver.cluster(base, fsync=True))
+            pg_url = pg.database("bench_intake")
+        return measure(args, pg_url)
 
 
 def queue_facts(config: Any) -> str:
@@ -372,7 +373,8 @@ def queue_facts(config: Any) -> str:
     return f"PostgreSQL {version} (fsync {fsync}) as the queue (queue.url)"
 
 
-def measure(args: argparse.Namespace, url: str | None) -> int:
+def measure(args: argparse.Namespace, pg_url: str | None) -> int:
+    """The run itself, on the PostgreSQL queue at ``pg_url``, or on SQLite when None."""
     from service.config import QueueConfig
     from service.local.lsserver import free_port
 
@@ -384,7 +386,7 @@ def measure(args: argparse.Namespace, url: str | None) -> int:
         "http://127.0.0.1:9",
         PROJECT,
         port,
-        queue=QueueConfig(url=url) if url is not None else None,
+        queue=QueueConfig(url=pg_url) if pg_url is not None else None,
     )
     config.state_dir.mkdir()
     try:
@@ -431,7 +433,7 @@ def measure(args: argparse.Namespace, url: str | None) -> int:
             f"CPU in that phase ({wall:.1f} s x {len(os.sched_getaffinity(0))} cores): server "
             f"{server_s:.1f} s ({1000 * server_s / len(loaded):.1f} ms a body), client "
             f"{client_s:.1f} s ({1000 * client_s / len(loaded):.1f} ms a body), other processes"
-            f" {max(other_s, 0.0):.1f} s" + (" (PostgreSQL's among them)" if url else ""),
+            f" {max(other_s, 0.0):.1f} s" + (" (PostgreSQL's among them)" if pg_url else ""),
             flush=True,
         )
         tenth = max(1, len(ms) // 10)
