@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -592,6 +593,80 @@ def test_processes_claiming_together_conclude_every_job_once(pg_url: str) -> Non
             "SELECT state, attempts, count(*) FROM ls_autoseg_jobs GROUP BY state, attempts"
         ).fetchall()
     assert rows == [("done", 1, total)]  # none claimed twice
+
+
+HOLDER = textwrap.dedent(
+    """
+    import json, sys
+    from service.errors import LeaseLost
+    from service.queue.postgres import PostgresJobQueue
+
+    with PostgresJobQueue(sys.argv[1], max_attempts=3, lease_s=float(sys.argv[2])) as queue:
+        held = queue.claim(int(sys.argv[3]))
+        print(json.dumps([job.task for job in held]), flush=True)
+        sys.stdin.readline()  # killed or frozen meanwhile; else told to conclude its jobs
+        outcome = {"confirmed": sorted(queue.confirm([job.id for job in held])), "lost": []}
+        for job in held:
+            try:
+                queue.mark_done(job.id)
+            except LeaseLost:
+                outcome["lost"].append(job.task)
+        print(json.dumps(outcome), flush=True)
+    """
+)
+HOLDER_LEASE_S = 1.0
+
+
+def test_jobs_of_a_killed_and_a_frozen_process_are_taken_over_after_the_lease(
+    pg_url: str,
+) -> None:
+    with contextlib.ExitStack() as stack:
+        survivor = stack.enter_context(
+            PostgresJobQueue(pg_url, max_attempts=MAX_ATTEMPTS, lease_s=HOLDER_LEASE_S)
+        )
+        survivor.enqueue(3, [1, 2, 3, 4], "v1")
+        holders = []
+        for _ in range(2):  # one after the other: the first takes 1 and 2, the second 3 and 4
+            proc = stack.enter_context(
+                subprocess.Popen(
+                    [sys.executable, "-c", HOLDER, pg_url, str(HOLDER_LEASE_S), "2"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    cwd=REPO,
+                )
+            )
+            stack.callback(_kill_if_running, proc)
+            assert proc.stdout is not None
+            holders.append((proc, json.loads(proc.stdout.readline())))
+        (killed, killed_tasks), (frozen, frozen_tasks) = holders
+        assert (killed_tasks, frozen_tasks) == ([1, 2], [3, 4])
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(10)
+        frozen.send_signal(signal.SIGSTOP)
+        stack.callback(frozen.send_signal, signal.SIGCONT)  # a frozen one cannot be reaped
+        survivor.enqueue(3, [5, 6], "v1")
+
+        time.sleep(HOLDER_LEASE_S + 0.3)
+        taken: list[list[tuple[int, int, bool]]] = []
+        while jobs := survivor.claim(10):
+            taken.append([(job.task, job.attempts, job.suspect) for job in jobs])
+            for job in jobs:
+                survivor.mark_done(job.id)
+        assert taken == [
+            [(1, 2, True)],
+            [(2, 2, True)],
+            [(3, 2, True)],
+            [(4, 2, True)],
+            [(5, 1, False), (6, 1, False)],
+        ]
+
+        # Thawed, the frozen one holds nothing and concludes nothing.
+        frozen.send_signal(signal.SIGCONT)
+        out, _ = frozen.communicate("go\n", timeout=30)
+        assert frozen.returncode == 0
+        assert json.loads(out.strip().splitlines()[-1]) == {"confirmed": [], "lost": [3, 4]}
+        assert survivor.counts()[JobState.DONE] == 6
 
 
 def test_handles_asking_for_a_turn_at_the_same_instant_get_exactly_one(
