@@ -439,6 +439,48 @@ def test_a_call_to_a_server_refusing_connections_fails_within_the_pool_wait(
     assert elapsed < postgres_io.POOL_WAIT_S + 2.0
 
 
+def _terminate_queue_sessions(admin_url: str) -> None:
+    """Cut the queue's connections to this database, as a failover does."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = %s",
+            (postgres_io.APPLICATION_NAME,),
+        )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="reraise does not map a read-only server (ReadOnlySqlTransaction, SQLSTATE 25006, "
+    "an InternalError): check_writable, accept and claim raise psycopg's error as is, not "
+    "RetryableError, so /ready and the webhook treat a standby during failover as a bug",
+)
+def test_a_server_turned_read_only_is_a_retryable_error_until_it_takes_writes(
+    pg_url: str, postgres: pgserver.LocalPostgres
+) -> None:
+    name = psycopg.conninfo.conninfo_to_dict(pg_url)["dbname"]
+    with PostgresJobQueue(pg_url, max_attempts=MAX_ATTEMPTS) as queue:
+        queue.enqueue(3, [1, 2], "v1")
+        with psycopg.connect(postgres.url, autocommit=True) as conn:
+            # What a standby answers: every new session of the database is read-only.
+            conn.execute(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
+            _terminate_queue_sessions(pg_url)
+            try:
+                for call in (
+                    queue.check_writable,
+                    lambda: queue.accept(3, [3], "v1"),
+                    lambda: queue.claim(10),
+                ):
+                    for _ in range(2):  # the cut connection first, then a read-only one
+                        with pytest.raises(RetryableError):
+                            call()
+            finally:
+                conn.execute(f"ALTER DATABASE {name} RESET default_transaction_read_only")
+                _terminate_queue_sessions(pg_url)
+        wait_writable(queue, RESUME_S)
+        assert tasks(queue.claim(10)) == [1, 2]
+
+
 def test_public_url_hides_the_password_and_options() -> None:
     shown = postgres_io.public_url(f"postgresql://me:{PASSWORD}@db.example:5433/q?sslmode=require")
     assert shown == "postgresql://me@db.example:5433/q"
