@@ -184,8 +184,9 @@ class JobQueue(Protocol):
         ...
 
     def heartbeat(self) -> None:
-        """Renew the leases of every job this handle holds and show the handle as alive in
-        ``workers``; a shared store's worker calls it well within ``lease_s``."""
+        """Renew the leases of the jobs this handle holds (claimed, no conclude tried yet: one
+        that failed, the store away, lapses) and show the handle as alive in ``workers``; a
+        shared store's worker calls it well within ``lease_s``."""
         ...
 
     def subscribe(self, callback: Callable[[], None]) -> None:

@@ -99,8 +99,10 @@ class PostgresJobQueue(JobQueue):
         self._pruner = Pruner(retention_days)
         self._me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._callbacks: list[Callable[[], None]] = []
-        # Jobs this handle claimed and has not concluded: a conclude that finds one gone is a
-        # lost lease (``LeaseLost``), of any other job a wrong call (``ValueError``).
+        # Jobs this handle claimed and has not tried to conclude: the ones ``heartbeat`` renews.
+        # A conclude that finds one gone is a lost lease (``LeaseLost``), of any other job a
+        # wrong call (``ValueError``). A conclude that fails (the server away) drops the job
+        # too: renewed no more, its lease lapses and a later claim re-reads its task.
         self._held: set[int] = set()
         self._held_lock = threading.Lock()
         self._listener: asyncio.Task[None] | None = None  # on self._loop
@@ -308,10 +310,13 @@ class PostgresJobQueue(JobQueue):
             )
             return None, row_to_job(found[0]) if found else None
 
-        after, before = self._run(action, work)
         with self._held_lock:
             was_ours = job_id in self._held
-            self._held.discard(job_id)
+        try:
+            after, before = self._run(action, work)
+        finally:
+            with self._held_lock:
+                self._held.discard(job_id)
         if after is not None:
             return after
         if before is None:
@@ -392,7 +397,10 @@ class PostgresJobQueue(JobQueue):
 
     def heartbeat(self) -> None:
         now = self._clock()
+        with self._held_lock:
+            held = sorted(self._held)
         params = {
+            "held": held,
             "me": self._me,
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -447,7 +455,9 @@ class PostgresJobQueue(JobQueue):
         async def work(conn: psycopg.AsyncConnection[Any]) -> bool:
             # The advisory lock makes the check and the record one step across instances;
             # an instance that finds it taken lets this turn go to the holder.
-            cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (db.TURN_LOCK,))
+            cur = await conn.execute(
+                "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", (db.TURN_LOCK, name)
+            )
             got = await cur.fetchone()
             if not (got and got[0]):
                 return False

@@ -13,10 +13,10 @@ from service.queue.journal import COLUMNS
 
 SCHEMA_VERSION = 1
 # Taken (transaction-scoped) while the schema is created or upgraded, so that instances
-# starting at once do it one after the other; and the one that decides whose reconcile turn
-# it is (``take_turn``). Any fixed 64-bit numbers no other program of the database uses.
+# starting at once do it one after the other: a fixed 64-bit number no other program of the
+# database uses. ``take_turn`` locks (TURN_LOCK, hashtext(name)), one lock per pass name.
 SCHEMA_LOCK = 0x6C73_6175_746F_0001
-TURN_LOCK = 0x6C73_6175_746F_0002
+TURN_LOCK = 0x6C73_6174  # "lsat"; the two-int form of the advisory lock
 CHANNEL = "ls_autoseg_jobs"  # NOTIFY'd when jobs become claimable
 
 
@@ -110,7 +110,8 @@ MINE_RUNNING = (
 )
 
 RENEW = (
-    "UPDATE ls_autoseg_jobs SET lease_until = %(until)s WHERE state = 'running' AND owner = %(me)s"
+    "UPDATE ls_autoseg_jobs SET lease_until = %(until)s"
+    " WHERE id = ANY(%(held)s) AND state = 'running' AND owner = %(me)s"
 )
 CONFIRM = (
     "UPDATE ls_autoseg_jobs SET lease_until = %(until)s"
