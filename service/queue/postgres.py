@@ -19,6 +19,7 @@ worker processes, on any number of machines, on one queue. The rules it keeps ar
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import os
@@ -65,6 +66,7 @@ T = TypeVar("T")
 DEFAULT_LEASE_S = 60.0
 POOL_MAX = 8  # connections per process: the webhook's accepts, the worker, metrics, status
 FORGET_WORKERS_S = 86400.0  # a worker silent this long leaves the registry
+EXPAND_PER_CLAIM = 4  # inbox rows a claim expands first, at most
 TX_RETRIES = 3  # a transaction PostgreSQL rolled back for a deadlock is run again
 
 
@@ -105,6 +107,7 @@ class PostgresJobQueue(JobQueue):
         # too: renewed no more, its lease lapses and a later claim re-reads its task.
         self._held: set[int] = set()
         self._held_lock = threading.Lock()
+        self._used: dict[int, float] = {}  # id(connection) -> when a call last used it
         self._listener: asyncio.Task[None] | None = None  # on self._loop
         self._closed = False
         self._url = url
@@ -123,7 +126,7 @@ class PostgresJobQueue(JobQueue):
         return self._me
 
     async def _open(self, pool_max: int) -> None:
-        self._pool = make_pool(self._url, pool_max)
+        self._pool = make_pool(self._url, pool_max, self._used)
         try:
             # One connection first: a wrong password or database fails here, clearly.
             conn = await connect(self._url)
@@ -168,23 +171,43 @@ class PostgresJobQueue(JobQueue):
     # -- plumbing ---------------------------------------------------------------------------
 
     def _run(self, action: str, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
-        """Run ``work`` in one transaction on a pooled connection; errors as the project's."""
+        """Run ``work`` on a pooled connection; errors as the project's.
+
+        The pool's connections are in autocommit: a single statement is its own transaction
+        (one round trip), and work that must be atomic sends its statements in one pipeline
+        (one implicit transaction, one round trip) or opens ``conn.transaction()``."""
         if self._closed:
             raise RuntimeError(f"the job queue at {self.where} is closed")
         pool = self._pool
         assert pool is not None
 
+        broken: list[bool] = []
+
         async def transaction() -> T:
-            async with pool.connection() as conn:  # commits at exit, rolls back on an error
-                return await work(conn)
+            async with pool.connection() as conn:
+                try:
+                    return await work(conn)
+                except psycopg.OperationalError:
+                    broken.append(conn.broken)
+                    raise
+                finally:
+                    self._used[id(conn)] = time.monotonic()
 
         for attempt in range(TX_RETRIES + 1):
+            broken.clear()
             try:
                 return self._loop.call(transaction(), CALL_TIMEOUT_S + 5)
             except psycopg.errors.DeadlockDetected as exc:
                 # Two bodies sharing task ids in another order, inserted at once: one is
                 # rolled back whole; it goes again at once.
                 if attempt == TX_RETRIES:
+                    reraise(exc, f"the job queue at {self.where}", action)
+            except psycopg.OperationalError as exc:
+                # A connection the server dropped since its last use (a restart, a failover),
+                # found broken by this call: once more, on a fresh one. (Every call is safe to
+                # repeat: inserts skip what exists, a conclude that landed reads as a lost
+                # lease, a claim that landed lets its jobs' leases lapse.)
+                if not (attempt == 0 and broken == [True]):
                     reraise(exc, f"the job queue at {self.where}", action)
             except (psycopg.Error, psycopg_pool.PoolTimeout, TimeoutError) as exc:
                 reraise(exc, f"the job queue at {self.where}", action)
@@ -212,12 +235,13 @@ class PostgresJobQueue(JobQueue):
         now = self._clock()
 
         async def work(conn: psycopg.AsyncConnection[Any]) -> int:
-            cur = await conn.execute(
-                db.INSERT_JOBS,
-                {"project": project, "version": model_version, "now": now, "ids": ids},
-            )
-            if cur.rowcount:
-                await conn.execute("SELECT pg_notify(%s, '')", (db.CHANNEL,))
+            async with conn.transaction():
+                cur = await conn.execute(
+                    db.INSERT_JOBS,
+                    {"project": project, "version": model_version, "now": now, "ids": ids},
+                )
+                if cur.rowcount:
+                    await conn.execute("SELECT pg_notify(%s, '')", (db.CHANNEL,))
             return cur.rowcount
 
         new = self._run(action, work)
@@ -228,9 +252,50 @@ class PostgresJobQueue(JobQueue):
         return self._insert("enqueue", project, task_ids, model_version)
 
     def accept(self, project: int, task_ids: Sequence[int], model_version: str) -> int:
-        # One indexed INSERT of every id: ~20 ms for 5000, and each is a job at once.
-        self._insert("accept", project, task_ids, model_version)
-        return len(task_ids)
+        """The ids as inbox rows of ``INBOX_ROW_IDS``, in one transaction (a few ms for 5000,
+        where inserting 5000 jobs costs the server ~40 ms of CPU); ``claim`` expands them."""
+        ids = checks.job_args(project, task_ids, model_version)
+        if not ids:
+            return 0
+        now = self._clock()
+        rows = [
+            {
+                "project": project,
+                "version": model_version,
+                "ids": ids[at : at + db.INBOX_ROW_IDS],
+                "now": now,
+            }
+            for at in range(0, len(ids), db.INBOX_ROW_IDS)
+        ]
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with conn.pipeline(), conn.cursor() as cur:  # one transaction, one round trip
+                await cur.executemany(db.INSERT_INBOX, rows)
+                await cur.execute("SELECT pg_notify(%s, '')", (db.CHANNEL,))
+
+        self._run("accept", work)
+        log.debug("project %d: %d task id(s) accepted", project, len(ids))
+        return len(ids)
+
+    def expand(self, max_rows: int | None = None) -> int:
+        """Turn inbox rows, oldest first (every one, or ``max_rows``), into jobs as ``enqueue``
+        does, dated when accepted; return how many jobs were new. ``claim`` does it first, in
+        its own statement; rows another claim is expanding are left to it. PostgreSQL's own
+        (not ``JobQueue``'s), for tests and benchmarks."""
+        new = 0
+        for _ in itertools.count() if max_rows is None else range(max_rows):
+            rows = self._fetch("expand", db.EXPAND, {"rows": 1})
+            if not rows:
+                break
+            new += self._log_expanded(rows)
+        return new
+
+    @staticmethod
+    def _log_expanded(rows: list[tuple[Any, ...]]) -> int:
+        """Log what ``EXPAND``'s rows say; return the jobs it made."""
+        for project, version, given, added, _ in rows:
+            log_queued(log, int(project), int(added), int(given), str(version))
+        return sum(int(row[3]) for row in rows)
 
     def prune(self) -> int:
         """Delete done and skipped jobs older than the retention when due (see ``Pruner``)."""
@@ -254,26 +319,26 @@ class PostgresJobQueue(JobQueue):
             "until": now + self.lease_s,
             "limit": limit,
             "max": self.max_attempts,
+            "rows": EXPAND_PER_CLAIM,
         }
 
-        async def work(conn: psycopg.AsyncConnection[Any]) -> tuple[list[Job], list[Job]]:
-            expired = [row_to_job(r) for r in await self._rows(conn, db.EXPIRE_LEASES, params)]
-            # None: none of ours runs; True: a suspect one of ours does.
-            ((mine_suspect,),) = await self._rows(conn, db.MINE_RUNNING, params)
-            if mine_suspect:  # a suspect job of ours runs: it stays alone
-                return expired, []
-            suspect = await (await conn.execute(db.DUE_SUSPECT, params)).fetchone()
-            if suspect is not None:
-                if mine_suspect is not None:  # ours are running: it waits until they end
-                    return expired, []
-                rows = await self._rows(
-                    conn, db.TAKE.format("%(suspect)s"), {**params, "suspect": suspect[0]}
-                )
-            else:
-                rows = await self._rows(conn, db.TAKE.format(db.DUE), params)
-            return expired, [row_to_job(r) for r in rows]
+        async def work(
+            conn: psycopg.AsyncConnection[Any],
+        ) -> tuple[list[tuple[Any, ...]], list[Job], list[Job]]:
+            # One pipeline, so one implicit transaction and one round trip: accepted ids
+            # become jobs (a few inbox rows: a long inbox is worked off over the next claims
+            # of every worker), jobs of lost workers go back to the queue, and the due ones
+            # are taken (the suspect rule reads this worker's running jobs after the expiry).
+            async with conn.pipeline():
+                expanding = await conn.execute(db.EXPAND, params)
+                expiring = await conn.execute(db.EXPIRE_LEASES, params)
+                taking = await conn.execute(db.CLAIM, params)
+            expanded = await expanding.fetchall()
+            expired = [row_to_job(r) for r in await expiring.fetchall()]
+            return expanded, expired, [row_to_job(r) for r in await taking.fetchall()]
 
-        expired, jobs = self._run("claim", work)
+        expanded, expired, jobs = self._run("claim", work)
+        self._log_expanded(expanded)
         self._log_expired(expired)
         jobs.sort(key=lambda job: job.id)
         with self._held_lock:
@@ -282,6 +347,9 @@ class PostgresJobQueue(JobQueue):
         return jobs
 
     def _log_expired(self, jobs: list[Job]) -> None:
+        """Log the jobs a lost worker's lease left; any of ours among them is ours no more."""
+        with self._held_lock:
+            self._held.difference_update(job.id for job in jobs)
         log_recovered(log, jobs, self.max_attempts, "its worker's lease ran out")
 
     def _finish(
@@ -410,9 +478,10 @@ class PostgresJobQueue(JobQueue):
         }
 
         async def work(conn: psycopg.AsyncConnection[Any]) -> None:
-            await conn.execute(db.REGISTER, params)
-            await conn.execute(db.RENEW, params)
-            await conn.execute(db.FORGET_WORKERS, params)
+            async with conn.pipeline():
+                await conn.execute(db.REGISTER, params)
+                await conn.execute(db.RENEW, params)
+                await conn.execute(db.FORGET_WORKERS, params)
 
         self._run("heartbeat", work)
 
@@ -452,24 +521,7 @@ class PostgresJobQueue(JobQueue):
         checks.delay_s(interval_s)
         params = {"name": name, "now": self._clock(), "gap": interval_s * 0.9}
 
-        async def work(conn: psycopg.AsyncConnection[Any]) -> bool:
-            # The advisory lock makes the check and the record one step across instances;
-            # an instance that finds it taken lets this turn go to the holder.
-            cur = await conn.execute(
-                "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", (db.TURN_LOCK, name)
-            )
-            got = await cur.fetchone()
-            if not (got and got[0]):
-                return False
-            cur = await conn.execute(
-                "INSERT INTO ls_autoseg_turns (name, last_at) VALUES (%(name)s, %(now)s)"
-                " ON CONFLICT (name) DO UPDATE SET last_at = EXCLUDED.last_at"
-                " WHERE ls_autoseg_turns.last_at <= EXCLUDED.last_at - %(gap)s RETURNING name",
-                params,
-            )
-            return await cur.fetchone() is not None
-
-        return self._run("take_turn", work)
+        return bool(self._fetch("take_turn", db.TAKE_TURN, {**params, "lock": db.TURN_LOCK}))
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -478,19 +530,29 @@ class PostgresJobQueue(JobQueue):
         return tuple(row)
 
     def counts(self) -> dict[JobState, int]:
-        rows = self._fetch("counts", "SELECT state, count(*) FROM ls_autoseg_jobs GROUP BY state")
+        rows = self._fetch(
+            "counts",
+            "SELECT state, count(*) FROM ls_autoseg_jobs GROUP BY state"
+            f" UNION ALL SELECT 'inbox', ({db.INBOX_IDS})",
+        )
         counted = {str(state): int(n) for state, n in rows}
-        return {state: counted.get(state.value, 0) for state in JobState}
+        result = {state: counted.get(state.value, 0) for state in JobState}
+        result[JobState.QUEUED] += counted["inbox"]  # accepted, not expanded yet
+        return result
 
     def pending(self) -> int:
         (n,) = self._one(
-            "pending", "SELECT count(*) FROM ls_autoseg_jobs WHERE state IN ('queued', 'running')"
+            "pending",
+            f"SELECT count(*) + ({db.INBOX_IDS}) FROM ls_autoseg_jobs"
+            " WHERE state IN ('queued', 'running')",
         )
         return int(n)
 
     def next_due(self) -> float | None:
         (due,) = self._one(
-            "next_due", "SELECT min(not_before) FROM ls_autoseg_jobs WHERE state = 'queued'"
+            "next_due",
+            "SELECT least(min(not_before), (SELECT min(received_at) FROM ls_autoseg_inbox))"
+            " FROM ls_autoseg_jobs WHERE state = 'queued'",
         )
         return None if due is None else float(due)
 
@@ -533,10 +595,11 @@ class PostgresJobQueue(JobQueue):
         self._run("write check", work)
 
     def span(self) -> QueueSpan:
-        jobs, first_task, last_task, first_created, last_created, last_done = self._one(
+        jobs, first_task, last_task, first_created, last_created, last_done, accepted = self._one(
             "span",
             "SELECT count(*), min(task), max(task), min(created_at), max(created_at),"
-            " max(updated_at) FILTER (WHERE state = 'done') FROM ls_autoseg_jobs",
+            " max(updated_at) FILTER (WHERE state = 'done'),"
+            f" ({db.INBOX_IDS}) FROM ls_autoseg_jobs",
         )
 
         def opt(value: Any) -> float | None:
@@ -544,7 +607,7 @@ class PostgresJobQueue(JobQueue):
 
         return QueueSpan(
             jobs=int(jobs),
-            accepted=0,
+            accepted=int(accepted),
             first_task=None if first_task is None else int(first_task),
             last_task=None if last_task is None else int(last_task),
             first_created=opt(first_created),

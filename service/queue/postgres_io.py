@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
 
@@ -30,6 +32,7 @@ CALL_TIMEOUT_S = 30.0  # one queue call, waiting for a pooled connection include
 # How long a call waits for a pooled connection: while the server is away, calls fail this
 # soon (the webhook answers 503 at once) instead of piling up in the threads that run them.
 POOL_WAIT_S = 3.0
+CHECK_IDLE_S = 1.0  # a pooled connection idle longer than this is checked before use
 # libpq's own: a connection whose peer vanished without a word (a cut network) is found dead
 # within ~20 s instead of the kernel's two hours; keeps a frozen query from holding a lease.
 CONNECTION_KWARGS: dict[str, Any] = {
@@ -84,14 +87,18 @@ class LoopThread:
 def reraise(exc: BaseException, where: str, action: str) -> NoReturn:
     """Raise ``exc`` as the project's error: what the operator must fix is a ``ConfigError``,
     a server away, restarting or slow a ``RetryableError``; anything else (a bug) as is."""
-    if isinstance(
+    refused = _refused_connect(exc)
+    if refused == "login" or isinstance(
         exc, psycopg.errors.InvalidPassword | psycopg.errors.InvalidAuthorizationSpecification
     ):
         raise ConfigError(f"{where} refused the login ({action}): check queue.url") from exc
-    if isinstance(exc, psycopg.errors.InvalidCatalogName):
+    if refused == "database" or isinstance(exc, psycopg.errors.InvalidCatalogName):
         raise ConfigError(f"{where}: no such database ({action}); create it first") from exc
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         raise ConfigError(f"{where}: not allowed ({action}): {exc}") from exc
+    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+        # A standby (a failover under way): writes come back with the new primary.
+        raise RetryableError(f"{where} takes no writes now ({action}): {exc}") from exc
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         raise RetryableError(f"{where} is unreachable ({action}): {exc}") from exc
     if isinstance(exc, psycopg_pool.PoolTimeout):
@@ -106,17 +113,43 @@ def reraise(exc: BaseException, where: str, action: str) -> NoReturn:
     raise exc
 
 
-def make_pool(url: str, max_size: int) -> psycopg_pool.AsyncConnectionPool[Any]:
-    """The queue's pool, not opened yet: connections checked as they are handed out (a
-    server restart leaves broken ones behind), a failed reconnect giving its slot up soon
-    (demand grows the pool again once the server is back)."""
+def _refused_connect(exc: BaseException) -> str | None:
+    """ "login" or "database" for a connection the server refused for good, else None.
+
+    libpq reports a failed connect as an ``OperationalError`` without a SQLSTATE, the
+    server's FATAL only in the message: these are its words (they name no password)."""
+    if not isinstance(exc, psycopg.OperationalError) or exc.sqlstate is not None:
+        return None
+    text = str(exc)
+    if "password authentication failed" in text or "no pg_hba.conf entry" in text:
+        return "login"
+    if 'role "' in text and "does not exist" in text:
+        return "login"
+    if 'database "' in text and "does not exist" in text:
+        return "database"
+    return None
+
+
+def make_pool(
+    url: str, max_size: int, used: dict[int, float]
+) -> psycopg_pool.AsyncConnectionPool[Any]:
+    """The queue's pool, not opened yet, of autocommit connections: each one idle for a while
+    is checked as it is handed out (a server restart leaves broken ones behind; one in use
+    a moment ago is not asked again, a check costing a fifth of a claim), a failed reconnect
+    giving its slot up soon (demand grows the pool again once the server is back). ``used``:
+    id(connection) -> when a call last used it (monotonic), kept by the caller."""
+
+    async def check(conn: psycopg.AsyncConnection[Any]) -> None:
+        if time.monotonic() - used.get(id(conn), -math.inf) > CHECK_IDLE_S:
+            await psycopg_pool.AsyncConnectionPool.check_connection(conn)
+
     return psycopg_pool.AsyncConnectionPool(
         url,
         min_size=1,
         max_size=max_size,
         open=False,
-        kwargs=CONNECTION_KWARGS,
-        check=psycopg_pool.AsyncConnectionPool.check_connection,
+        kwargs={**CONNECTION_KWARGS, "autocommit": True},
+        check=check,
         timeout=POOL_WAIT_S,
         reconnect_timeout=CONNECT_TIMEOUT_S * 2,
         name="ls-autoseg queue",
