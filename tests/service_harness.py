@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 import numpy as np
+import yaml
 from ls_fixtures import new_brush_project, tasks_of
 from PIL import Image
 
@@ -45,11 +47,18 @@ def picture(seed: int) -> tuple[bytes, np.ndarray]:
 
 class HarnessService(ServiceProcess):
     """The shared ``ServiceProcess`` with this session's token and webhook secret, and the
-    checks the tests make of it."""
+    checks the tests make of it; ``role`` runs ``serve --role ROLE`` (default: plain ``serve``,
+    which is ``--role all``)."""
 
-    def __init__(self, config: Path, port: int, log: Path, token: str) -> None:
+    def __init__(
+        self, config: Path, port: int, log: Path, token: str, *, role: str | None = None
+    ) -> None:
         env = {**os.environ, "LABEL_STUDIO_TOKEN": token, "LS_AUTOSEG_WEBHOOK_SECRET": SECRET}
-        super().__init__(config, port, log, env)
+        command = None
+        if role is not None:
+            command = [sys.executable, "-m", "service.cli", "serve", "--role", role]
+            command += ["--config", str(config)]
+        super().__init__(config, port, log, env, command=command)
 
     def status(self) -> tuple[dict[str, int], str]:
         """``ls-autoseg status``: the job counts, and its whole output."""
@@ -128,11 +137,13 @@ def make_env(
     model: settings.ModelConfig,
     *,
     via: str | None = None,
+    role: str | None = None,
     **sections: Mapping[str, Any],
 ) -> ServiceEnv:
     """A fresh project, a config for ``serve`` (Label Studio at ``via`` if given, e.g. a fault
     proxy; ``sections`` replace fields of the config's sections, e.g.
-    ``server={"max_body_bytes": 1000}``) and the webhook registered."""
+    ``server={"max_body_bytes": 1000}``; a ``queue`` section is written only if given) and
+    the webhook registered; the service runs ``serve --role role`` if given."""
 
     async def make_project() -> int:
         async with ls_client() as ls:
@@ -160,10 +171,27 @@ def make_env(
         state_dir=tmp_path / "state",
         reconcile=section("reconcile", reconcile),
         worker=section("worker", settings.WorkerConfig()),
+        queue=section("queue", settings.QueueConfig()) if "queue" in sections else None,
     )
     assert not sections, f"not config sections: {sorted(sections)}"
-    service = HarnessService(config, port, tmp_path / "service.log", local_ls.legacy_token)
+    service = HarnessService(
+        config, port, tmp_path / "service.log", local_ls.legacy_token, role=role
+    )
     # Register the webhook the way an operator does.
     done = service.cli("hook", "--url", f"{service.url}/webhook")
     assert done.returncode == 0, done.stderr
     return ServiceEnv(project, service, config)
+
+
+def another_instance(env: ServiceEnv, directory: Path, role: str | None = None) -> HarnessService:
+    """One more instance of ``env``'s service: the same config (project, queue, model) but its
+    own port, ``state_dir`` and log, all in ``directory``; not started."""
+    document = yaml.safe_load(env.config.read_text(encoding="utf-8"))
+    port = lsserver.free_port()
+    document["server"]["port"] = port
+    document["state_dir"] = str(directory / "state")
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "config.yaml"
+    config.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    token = env.service.env["LABEL_STUDIO_TOKEN"]
+    return HarnessService(config, port, directory / "service.log", token, role=role)
