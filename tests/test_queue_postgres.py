@@ -562,7 +562,12 @@ CLAIMER = textwrap.dedent(
         print("ready", flush=True)
         sys.stdin.readline()  # the go: every process claims at once
         done = []
-        while jobs := queue.claim(int(sys.argv[2])):
+        while True:
+            jobs = queue.claim(int(sys.argv[2]))
+            # None, and none pending: all done. None, but some pending: the rest runs on
+            # another process or waits in the inbox for a claim to make it jobs.
+            if not jobs and not queue.pending():
+                break
             for job in jobs:
                 queue.mark_done(job.id)
                 done.append(job.task)
@@ -595,7 +600,12 @@ def _kill_if_running(proc: subprocess.Popen[str]) -> None:
 def test_processes_claiming_together_conclude_every_job_once(pg_url: str) -> None:
     total = 2000
     with PostgresJobQueue(pg_url, max_attempts=MAX_ATTEMPTS) as queue:
-        queue.enqueue(3, range(1, total + 1), "v1")
+        queue.enqueue(3, range(1, 1001), "v1")
+        # And webhook bodies, each sent twice, the first overlapping the enqueued tasks: the
+        # processes' claims turn them into jobs as they go.
+        for first in range(801, total + 1, 100):
+            for _ in range(2):
+                queue.accept(3, list(range(first, first + 100)), "v1")
     with contextlib.ExitStack() as stack:
         procs = [start_python(stack, CLAIMER, pg_url, "10") for _ in range(4)]
         for proc in procs:
