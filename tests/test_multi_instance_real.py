@@ -207,13 +207,6 @@ def test_killed_and_frozen_workers_leave_exactly_one_prediction_per_task(
 
 @pytest.mark.labelstudio
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="open bug, timing-dependent: a job whose confirm, just after the restart, finds its "
-    "lease run out is dropped, but the heartbeat renews that lease (see "
-    "test_a_job_a_thawed_worker_found_lapsed_goes_to_another_worker); it stays running for ever "
-    "and the suspect rule then stops the worker's claims",
-)
 def test_postgresql_restarted_mid_run_loses_nothing(
     tmp_path: Path, instances: Instances, ls_client: MakeClient
 ) -> None:
@@ -279,11 +272,6 @@ def test_two_instances_make_one_reconcile_pass_per_interval(
     assert 2 <= sum(passes) <= intervals + 1, passes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug: heartbeat's RENEW (service/queue/postgres_schema.py) renews a lease "
-    "that ran out, and confirm leaves the job it no longer holds in _held",
-)
 def test_a_job_a_thawed_worker_found_lapsed_goes_to_another_worker(pg_url: str) -> None:
     """The queue's side of the database restart above, without its timing: a worker whose
     confirm (right before its post) finds the lease run out drops the job; its next heartbeat

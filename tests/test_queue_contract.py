@@ -27,6 +27,7 @@ MAX_ATTEMPTS = 3
 # A shared store's lease; tests move the clock past it where a worker is to count as lost
 # (a store of one process ignores it: its lost worker is one whose process ended).
 LEASE_S = 60.0
+RETENTION_DAYS = 0.05  # 72 min: over the pruner's hour, and a live worker heartbeats through
 
 
 class FakeClock:
@@ -103,6 +104,15 @@ def queue_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Qu
             yield _postgres_opener(request.getfixturevalue("pg_url"), stack)
         else:
             yield _sqlite_opener(tmp_path, stack)
+
+
+def live_for(queue: JobQueue, clock: FakeClock, seconds: float) -> None:
+    """Move the clock ``seconds`` on, heart-beating within the lease as a live worker does."""
+    while seconds > 0:
+        step = min(seconds, LEASE_S / 2)
+        clock.advance(step)
+        queue.heartbeat()
+        seconds -= step
 
 
 @pytest.fixture
@@ -752,8 +762,7 @@ def test_counts_pending_next_due_and_recent_failures(queue: JobQueue, clock: Fak
 
     assert [job.task for job in queue.claim(5)] == [7]  # the delayed job is not due
     assert queue.next_due() == T0 + 2 + 60
-    clock.advance(60)
-    queue.heartbeat()  # a live worker: its running job keeps its lease
+    live_for(queue, clock, 60)  # a live worker: its running job keeps its lease
     assert [job.id for job in queue.claim(5)] == [jobs[4].id]
     assert queue.next_due() is None
     assert queue.pending() == 3
@@ -903,7 +912,7 @@ def test_counts_and_pending_stay_right_through_every_transition(
 def test_old_done_and_skipped_jobs_are_pruned_and_nothing_else(
     queue_factory: QueueFactory, clock: FakeClock
 ) -> None:
-    queue = queue_factory(clock=clock, retention_days=1)
+    queue = queue_factory(clock=clock, retention_days=RETENTION_DAYS)
     queue.enqueue(1, [1, 2, 3, 4, 5], "v1")
     old_done, old_skipped, old_failed, _old_running, old_retry = queue.claim(5)
     queue.mark_done(old_done.id)
@@ -911,8 +920,7 @@ def test_old_done_and_skipped_jobs_are_pruned_and_nothing_else(
     queue.mark_failed(old_failed.id, "broken")
     queue.retry_later(old_retry.id, "busy", 10 * 86400)  # queued, not due for days
     queue.enqueue(1, [6], "v1")  # queued, never claimed
-    clock.advance(2 * 86400)
-    queue.heartbeat()  # the worker of the running job is alive
+    live_for(queue, clock, 2 * RETENTION_DAYS * 86400)  # the running job's worker is alive
     queue.enqueue(1, [7], "v1")
     # This claim prunes too: the first prune was at open, over an hour ago.
     recent = queue.claim(5)

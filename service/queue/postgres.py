@@ -106,6 +106,7 @@ class PostgresJobQueue(JobQueue):
         # wrong call (``ValueError``). A conclude that fails (the server away) drops the job
         # too: renewed no more, its lease lapses and a later claim re-reads its task.
         self._held: set[int] = set()
+        self._lost: set[int] = set()  # were in _held until their lease ran out
         self._held_lock = threading.Lock()
         self._used: dict[int, float] = {}  # id(connection) -> when a call last used it
         self._listener: asyncio.Task[None] | None = None  # on self._loop
@@ -346,10 +347,16 @@ class PostgresJobQueue(JobQueue):
         log_claimed(log, jobs, "its last worker was lost")
         return jobs
 
+    def _lose(self, job_ids: set[int]) -> None:
+        """These jobs' leases ran out: renewed no more, a conclude of one is ``LeaseLost``."""
+        with self._held_lock:
+            lost = self._held & job_ids
+            self._held -= lost
+            self._lost |= lost
+
     def _log_expired(self, jobs: list[Job]) -> None:
         """Log the jobs a lost worker's lease left; any of ours among them is ours no more."""
-        with self._held_lock:
-            self._held.difference_update(job.id for job in jobs)
+        self._lose({job.id for job in jobs})
         log_recovered(log, jobs, self.max_attempts, "its worker's lease ran out")
 
     def _finish(
@@ -379,12 +386,13 @@ class PostgresJobQueue(JobQueue):
             return None, row_to_job(found[0]) if found else None
 
         with self._held_lock:
-            was_ours = job_id in self._held
+            was_ours = job_id in self._held or job_id in self._lost
         try:
             after, before = self._run(action, work)
         finally:
             with self._held_lock:
                 self._held.discard(job_id)
+                self._lost.discard(job_id)
         if after is not None:
             return after
         if before is None:
@@ -461,7 +469,9 @@ class PostgresJobQueue(JobQueue):
         now = self._clock()
         params = {"ids": list(job_ids), "me": self._me, "now": now, "until": now + self.lease_s}
 
-        return {int(row[0]) for row in self._fetch("confirm", db.CONFIRM, params)}
+        held = {int(row[0]) for row in self._fetch("confirm", db.CONFIRM, params)}
+        self._lose(set(job_ids) - held)
+        return held
 
     def heartbeat(self) -> None:
         now = self._clock()

@@ -157,9 +157,12 @@ CLAIM = (
     f" RETURNING {COLUMNS}"
 )
 
+# A lease that ran out stays out, taken over or not: the worker that let it lapse (frozen,
+# cut off) drops the job at its next check (``CONFIRM``), and another claim takes it back.
 RENEW = (
     "UPDATE ls_autoseg_jobs SET lease_until = %(until)s"
     " WHERE id = ANY(%(held)s) AND state = 'running' AND owner = %(me)s"
+    " AND lease_until >= %(now)s"
 )
 CONFIRM = (
     "UPDATE ls_autoseg_jobs SET lease_until = %(until)s"
