@@ -35,11 +35,13 @@ POOL_WAIT_S = 3.0
 CHECK_IDLE_S = 1.0  # a pooled connection idle longer than this is checked before use
 # libpq's own: a connection whose peer vanished without a word (a cut network) is found dead
 # within ~20 s instead of the kernel's two hours; keeps a frozen query from holding a lease.
+KEEPALIVE_IDLE_S = 10
+IDLE_IN_TX_MS = 30_000
 CONNECTION_KWARGS: dict[str, Any] = {
     "connect_timeout": CONNECT_TIMEOUT_S,
     "application_name": APPLICATION_NAME,
     "keepalives": 1,
-    "keepalives_idle": 10,
+    "keepalives_idle": KEEPALIVE_IDLE_S,
     "keepalives_interval": 5,
     "keepalives_count": 2,
     "tcp_user_timeout": 20000,
@@ -139,6 +141,13 @@ def make_pool(
     giving its slot up soon (demand grows the pool again once the server is back). ``used``:
     id(connection) -> when a call last used it (monotonic), kept by the caller."""
 
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        # The server's side of a client that froze or vanished inside a transaction: its
+        # locks go after this long instead of staying while the session does (a cut network:
+        # the kernel's two hours). SET, not a startup option: PgBouncer refuses those.
+        await conn.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TX_MS}")
+        await conn.execute(f"SET tcp_keepalives_idle = {KEEPALIVE_IDLE_S}")
+
     async def check(conn: psycopg.AsyncConnection[Any]) -> None:
         if time.monotonic() - used.get(id(conn), -math.inf) > CHECK_IDLE_S:
             await psycopg_pool.AsyncConnectionPool.check_connection(conn)
@@ -149,6 +158,7 @@ def make_pool(
         max_size=max_size,
         open=False,
         kwargs={**CONNECTION_KWARGS, "autocommit": True},
+        configure=configure,
         check=check,
         timeout=POOL_WAIT_S,
         reconnect_timeout=CONNECT_TIMEOUT_S * 2,
