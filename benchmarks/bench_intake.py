@@ -19,8 +19,9 @@ the server process during the run, as it would in the service.
 
 ``--postgres`` runs the same against the shared queue (``queue.url`` in the config file, so
 ``PostgresJobQueue``): a throwaway cluster from ``service.local.pgserver`` with ``fsync=on``,
-as ``serve --role intake`` would use it (its ``accept`` inserts the jobs at once, nothing to
-expand, and the app wakes no worker: the queue's NOTIFY does). ``--queue-url URL`` uses a
+as ``serve --role intake`` would use it (its ``accept`` writes inbox rows too, which the
+workers' claims expand elsewhere: here nothing expands them during the run, and the app
+wakes no worker: the queue's NOTIFY does). ``--queue-url URL`` uses a
 PostgreSQL database of your own instead (one that holds no jobs yet).
 
 What is measured: bodies shaped like Label Studio 1.23's (every Task field, plus the
@@ -454,15 +455,14 @@ def measure(args: argparse.Namespace, pg_url: str | None) -> int:
         for i, _, status, text in answers
         if status == 200 and json.loads(text) != {"queued": args.tasks}
     ]
-    # What the restarted service does first: open the queue afresh, and on SQLite its first
-    # claim expands the inbox (SQLite's own fast path for webhooks, not part of JobQueue).
+    # What the restarted service does first: open the queue afresh, and its first claims
+    # expand the inbox (each backend's own fast path for webhooks, not part of JobQueue).
     from service.queue import JobState, SQLiteJobQueue, open_queue
 
     with open_queue(config) as reopened:
         on_sqlite = isinstance(reopened, SQLiteJobQueue)
         in_inbox = reopened.span().accepted
-        if isinstance(reopened, SQLiteJobQueue):
-            reopened.expand()
+        reopened.expand()  # type: ignore[attr-defined]
         span, queued = reopened.span(), reopened.counts()[JobState.QUEUED]
     expected = total * args.tasks
     # A job's key is (project, task, model_version): one project and version here, so
@@ -476,9 +476,9 @@ def measure(args: argparse.Namespace, pg_url: str | None) -> int:
     print(
         "durability (server SIGKILLed"
         + (
-            f" with {in_inbox:,} ids not yet expanded, SQLite file reopened and its inbox expanded"
-            if on_sqlite
-            else ", the PostgreSQL queue reopened"
+            f" with {in_inbox:,} ids not yet expanded, "
+            + ("SQLite file" if on_sqlite else "PostgreSQL queue")
+            + " reopened and its inbox expanded"
         )
         + f"): {span.jobs:,} jobs (one per task id), "
         f"{queued:,} queued, ids {span.first_task}..{span.last_task}; expected {expected:,}: "
