@@ -5,7 +5,8 @@ task ids with and without its credential.
 
 The rules: its routes mount beside the probes; a request without the credential is refused
 and acts on nothing; task ids asked for are durable in the queue before the answer (a queue
-reopened afterwards holds them); a queue that cannot be written is a 503, never a lost 200.
+reopened afterwards holds them); a queue that cannot be written is a 503, never a lost 200,
+and asks for a reconcile of the project (Label Studio does not ask twice).
 """
 
 from __future__ import annotations
@@ -79,12 +80,13 @@ INTAKES = {
 class Hooks:
     def __init__(self) -> None:
         self.wakes = 0
+        self.reconciles: list[int | None] = []
 
     def wake(self) -> None:
         self.wakes += 1
 
     def request_reconcile(self, project: int | None) -> None:
-        raise AssertionError("a request that names its tasks needs no reconcile")
+        self.reconciles.append(project)
 
     async def readiness(self) -> Readiness:
         return Readiness(True, {})
@@ -140,6 +142,7 @@ def test_task_ids_are_durable_before_the_answer(running: Running) -> None:
     assert 200 <= running.send(running.case.ask([11, 12, 13, 14])) < 300  # three again
     with SQLiteJobQueue(running.db, max_attempts=3) as reopened:
         assert [job.task for job in reopened.claim(10)] == [14]  # one job per task, ever
+    assert running.hooks.reconciles == []  # a request that names its tasks needs none
 
 
 def test_a_queue_that_cannot_be_written_is_a_503(running: Running) -> None:
@@ -148,6 +151,9 @@ def test_a_queue_that_cannot_be_written_is_a_503(running: Running) -> None:
         blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         assert running.send(running.case.ask([21])) == 503
         assert running.hooks.wakes == 0
+        # Label Studio will not ask again: a reconcile of the project, retried until the
+        # queue takes writes, is what finds the task.
+        assert running.hooks.reconciles == [PROJECT]
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()

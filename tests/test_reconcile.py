@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
 import pytest
 
 from service.config import ReconcileConfig
+from service.errors import RetryableError
+from service.intake import reconcile as reconcile_module
 from service.intake.reconcile import Reconciler
 from service.labelstudio.client import LabelStudioClient
 from service.queue import JobState, SQLiteJobQueue
@@ -126,3 +128,42 @@ def test_a_failing_project_does_not_stop_the_others(tmp_path: Path) -> None:
         assert sorted(asked) == [7, 8]
         assert queue.counts()[JobState.QUEUED] == 1
     assert woken == 1
+
+
+class FailingOnce(SQLiteJobQueue):
+    """The real queue, whose first ``enqueue`` fails as a queue that is away does."""
+
+    failed = False
+
+    def enqueue(self, project: int, task_ids: Sequence[int], model_version: str) -> int:
+        if not self.failed:
+            self.failed = True
+            raise RetryableError("the job queue is unreachable (enqueue): connection refused")
+        return super().enqueue(project, task_ids, model_version)
+
+
+def test_a_pass_the_queue_refused_comes_again_soon_and_a_bad_one_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a webhook refused with 503 asks for: its project's pass, while the queue is away.
+    monkeypatch.setattr(reconcile_module, "RETRY_FAILED_S", 0.05)
+    queue = FailingOnce(tmp_path / "jobs.sqlite3", max_attempts=3)
+    asked: list[int] = []
+    settings = ReconcileConfig(on_startup=False, interval_s=3600)
+
+    async def run() -> None:
+        transport = label_studio(asked, broken={8})
+        async with LabelStudioClient("http://ls.test", "0" * 40, transport=transport) as ls:
+            reconciler = Reconciler(ls, queue, [7, 8], "v1", settings, lambda: None)
+            reconciler.request(7)
+            reconciler.request(8)  # Label Studio answers 400: not retried
+            loop = asyncio.create_task(reconciler.run())
+            await asyncio.sleep(0.4)
+            loop.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await loop
+
+    asyncio.run(run())
+    with queue:
+        assert asked.count(7) == 2 and asked.count(8) == 1, asked
+        assert sorted(job.task for job in queue.claim(10)) == UNTOUCHED[7]

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from service.config import ReconcileConfig
-from service.errors import AutosegError
+from service.errors import AutosegError, RetryableError
 from service.labelstudio.client import LabelStudioClient
 from service.queue import JobQueue
 
@@ -77,6 +77,9 @@ async def reconcile(
             break
     log.info("project %s: reconcile queued %d new job(s)", project, new)
     return new
+
+
+RETRY_FAILED_S = 5.0  # a pass that failed for a transient reason is asked for again this soon
 
 
 class Reconciler:
@@ -165,6 +168,12 @@ class Reconciler:
                     )
                 except AutosegError as exc:
                     log.warning("project %s: reconcile failed: %s", project_id, exc)
+                    if isinstance(exc, RetryableError):
+                        # The queue or Label Studio away: this pass may stand for webhooks
+                        # refused meanwhile (the webhook asks for it), so it comes again
+                        # soon, not an interval later.
+                        delay = min(RETRY_FAILED_S, self._settings.interval_s)
+                        asyncio.get_running_loop().call_later(delay, self.request, project_id)
                     continue
                 if new:
                     self._on_new()

@@ -381,6 +381,9 @@ class WebhookIntake:
             log.error(
                 "project %d: cannot queue %d task(s) from a webhook: %s", project, len(ids), exc
             )
+            # Label Studio never sends this event again: a reconcile of the project, retried
+            # until the queue takes writes, finds these tasks soon, not an interval later.
+            self._hooks.request_reconcile(project)
             return self._refusal("error", 503, "job queue unavailable")
         self._metrics.webhook("queued")
         self._metrics.task_ids_accepted(accepted)

@@ -1,8 +1,11 @@
 """The durable job queue between intake and workers.
 
-``base`` holds the contract (``JobQueue``, ``Job``, ``JobState``, ``QueueSpan``), ``checks``
-the argument checks every implementation makes, ``sqlite`` and ``sqlite_schema`` the one
-implementation today; ``tests/test_queue_contract.py`` is the suite each one passes.
+``base`` holds the contract (``JobQueue``, ``Job``, ``JobState``, ``QueueSpan``,
+``WorkerSeen``), ``checks`` the argument checks every implementation makes, ``journal`` and
+``prune`` what they share about rows; ``sqlite`` (one process, the default) and ``postgres``
+(shared by any number of processes, imported only where ``queue.url`` names it) are the
+implementations, ``backends.open_queue`` picks one; ``tests/test_queue_contract.py`` is the
+suite each one passes.
 """
 
 from __future__ import annotations
