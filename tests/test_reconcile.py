@@ -167,3 +167,14 @@ def test_a_pass_the_queue_refused_comes_again_soon_and_a_bad_one_does_not(
     with queue:
         assert asked.count(7) == 2 and asked.count(8) == 1, asked
         assert sorted(job.task for job in queue.claim(10)) == UNTOUCHED[7]
+
+
+def test_the_start_up_pass_runs_even_right_after_another_instances_pass(tmp_path: Path) -> None:
+    # A serve restarted soon after its last pass (or a second instance on a shared queue):
+    # the periodic turn is taken, but tasks imported while it was down must not wait.
+    with SQLiteJobQueue(tmp_path / "jobs.sqlite3", max_attempts=3) as earlier:
+        assert earlier.take_turn("reconcile", ReconcileConfig().interval_s)
+    queue, asked, _ = run_reconciler(tmp_path, ReconcileConfig(), [], set())
+    with queue:
+        assert sorted(asked) == [7, 8]
+        assert queue.counts()[JobState.QUEUED] == 4

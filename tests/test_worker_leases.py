@@ -9,9 +9,13 @@ lease runs out on demand), Label Studio the ``FakeLabelStudio`` of test_worker_f
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
@@ -25,10 +29,13 @@ from test_worker_faults import (
 )
 
 from service.config import ModelConfig, PredictionConfig
+from service.errors import RetryableError
 from service.metrics import NoMetrics
 from service.model.torchscript import SegmentationModel
 from service.queue import JobState
 from service.queue.postgres import PostgresJobQueue
+from service.worker.leases import Leases
+from service.worker.supervise import Supervisor
 
 LEASE_S = 30.0
 VERSION = PredictionConfig().model_version
@@ -91,7 +98,7 @@ def queues(pg_url: str, clock: FakeClock) -> Iterator[tuple[PostgresJobQueue, Po
         yield mine, other
 
 
-Run = Callable[[StealingLabelStudio], Lost]
+Run = Callable[..., Lost]
 
 
 @pytest.fixture
@@ -102,7 +109,8 @@ def run(
     mine, _ = queues
     model = SegmentationModel.load(colour_model(channels=1))
 
-    def go(fake: StealingLabelStudio) -> Lost:
+    def go(fake: StealingLabelStudio, **settings: Any) -> Lost:
+        """``settings``: WorkerConfig fields beside the test's own."""
         metrics = Lost()
 
         async def main() -> None:
@@ -115,6 +123,7 @@ def run(
                 prediction=PredictionConfig(min_pixels=0, prob_upsample=False),
                 idle_poll_s=0.02,
                 settle_s=0,
+                **settings,
             )
             mine.enqueue(PROJECT, fake.tasks, "v1")
             stop = asyncio.Event()
@@ -179,21 +188,21 @@ def test_jobs_taken_over_before_the_post_are_never_posted(
     assert mine.counts()[JobState.DONE] == 3
 
 
-def test_a_post_that_lands_during_a_takeover_is_undone_when_the_new_holder_posted_too(
+def test_a_post_that_lands_after_the_new_holders_is_undone(
     queues: tuple[PostgresJobQueue, PostgresJobQueue], clock: FakeClock, run: Run
 ) -> None:
     taken: list[int] = []
     fake = StealingLabelStudio(
         tasks=[4],
         when=lambda r: r.method == "POST" and r.url.path == "/api/predictions/",
-        after=True,
     )
     steal = take_over(queues, clock, taken)
 
     def steal_and_post(request: httpx.Request) -> None:
+        # The worker froze with its POST on the way; the new holder took the job and posted
+        # first, so ours lands second.
         steal(request)
-        ours = fake.predictions[4][-1]
-        fake.store({**ours, "id": None})  # the new holder's own post of the same task
+        fake.store(json.loads(request.content))
 
     fake.steal = steal_and_post
     metrics = run(fake)
@@ -201,6 +210,28 @@ def test_a_post_that_lands_during_a_takeover_is_undone_when_the_new_holder_poste
     assert len(fake.deleted) == 1
     assert [p["id"] for p in fake.predictions[4]] != fake.deleted
     assert_one_correct_prediction_each(fake, [4])
+
+
+def test_a_retried_jobs_post_that_lands_after_another_workers_is_undone(
+    queues: tuple[PostgresJobQueue, PostgresJobQueue], run: Run
+) -> None:
+    """The other side of the race: the job was tried before (its last worker may have been
+    lost with a post in flight), and that post lands just before ours: ours goes, although
+    this worker holds the job, so exactly the first one stays."""
+    posts = []
+
+    def second_post(request: httpx.Request) -> bool:
+        if request.method == "POST" and request.url.path == "/api/predictions/":
+            posts.append(request)
+        return len(posts) == 2
+
+    fake = StealingLabelStudio(tasks=[6], when=second_post)
+    fake.faults[("POST", "/api/predictions/")] = [503]  # the first attempt fails: a retry
+    fake.steal = lambda request: fake.store(json.loads(request.content))
+    run(fake, retry_base_s=0)  # due again at once (the queue's clock does not move here)
+    assert len(fake.deleted) == 1
+    assert [p["id"] for p in fake.predictions[6]] == [min(fake.deleted) - 1]
+    assert_one_correct_prediction_each(fake, [6])
 
 
 def test_a_post_that_lands_during_a_takeover_stays_when_it_is_the_only_one(
@@ -218,3 +249,36 @@ def test_a_post_that_lands_during_a_takeover_stays_when_it_is_the_only_one(
     assert fake.deleted == []  # the new holder's re-check finds it and skips
     assert_one_correct_prediction_each(fake, [5])
     assert all(p["model_version"] == VERSION for p in fake.predictions[5])
+
+
+def test_leases_are_renewed_every_second_while_the_queue_is_away() -> None:
+    """Not the supervisor's growing backoff: a healthy worker whose queue was away for most of
+    a lease must renew as soon as the queue is back, or it loses every job it holds."""
+
+    class AwayThenBack:
+        shared, lease_s = True, 0.4  # renewals every 0.1 s, retries as often
+
+        def __init__(self) -> None:
+            self.calls: list[float] = []
+
+        def heartbeat(self) -> None:
+            self.calls.append(time.monotonic())
+            if len(self.calls) <= 3:
+                raise RetryableError("the job queue is unreachable (heartbeat)")
+
+    queue = AwayThenBack()
+    supervisor = Supervisor()
+
+    async def main() -> None:
+        leases = Leases(queue, None, VERSION)  # type: ignore[arg-type]
+        renewing = asyncio.create_task(leases.renew(supervisor))
+        await asyncio.sleep(0.55)
+        renewing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await renewing
+
+    asyncio.run(main())
+    gaps = [b - a for a, b in itertools.pairwise(queue.calls)]
+    assert len(queue.calls) >= 5, queue.calls  # 3 failures, then renewals again
+    assert max(gaps) < 0.3, gaps  # no backoff: every retry within the renewal period
+    assert supervisor.problem is None

@@ -149,10 +149,11 @@ class Reconciler:
     async def run(self) -> None:
         """Forever, until cancelled; a failed pass is logged and the next one comes.
 
-        The start-up and periodic passes take a turn of the queue first: on a shared queue,
-        of all the instances with reconcile on, one makes each pass (``take_turn``)."""
+        The periodic passes take a turn of the queue first: on a shared queue, of all the
+        instances with reconcile on, one makes each pass (``take_turn``). The start-up pass
+        does not: tasks imported while this instance was down must not wait an interval."""
         if self._settings.on_startup:
-            await self._periodic()
+            self.request(None)
         while True:
             try:
                 await asyncio.wait_for(self._asked.wait(), timeout=self._settings.interval_s)

@@ -478,14 +478,19 @@ class Worker:
 
         async def one(job: Job, prediction: PredictionIn) -> BaseException | str:
             async with limit:
-                if not await self._leases.holds(job):
-                    return LeaseLost(f"job {job.id}: its lease ran out before the post")
                 try:
+                    if not await self._leases.holds(job):
+                        return LeaseLost(f"job {job.id}: its lease ran out before the post")
                     created = await self.client.create_prediction(prediction, retry=False)
-                except Exception as exc:
+                except Exception as exc:  # the post, or the queue away: this job's outcome
                     return exc
-                if not await self._leases.holds(job):
-                    await self._leases.undo_if_twice(job, created)
+                try:
+                    held = await self._leases.holds(job)
+                except Exception:
+                    held = False  # the queue away: whether another has the job, unknown
+                if not held or self._leases.may_race(job):
+                    await self._leases.keep_first(job, created)
+                if not held:
                     return LeaseLost(f"job {job.id}: its lease ran out during the post")
                 return f"prediction {created}"
 
