@@ -365,6 +365,8 @@ def test_shipped_config_documents_the_queue_section_with_its_defaults(tmp_path: 
         ("url: mysql://u:hunter2@db/jobs", r"queue\.url must be sqlite or a postgresql://"),
         ("url: /var/lib/jobs.sqlite3", r"queue\.url must be sqlite or a postgresql://"),
         ("url: ${NO_SUCH_QUEUE_URL}", r"NO_SUCH_QUEUE_URL"),
+        ("url: 'postgresql://u:hunter2%zz@db/jobs'", r"queue\.url is not a PostgreSQL URL"),
+        ("url: 'postgresql://u:hunter2@db/jobs?foo=1'", r"queue\.url is not a PostgreSQL URL"),
     ],
 )
 def test_bad_queue_settings(tmp_path: Path, queue: str, message: str) -> None:

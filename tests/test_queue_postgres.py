@@ -802,3 +802,12 @@ def test_turns_for_different_passes_asked_at_once_are_each_given(
             thread.join(30)
         assert sorted(name for name, got in answers if got) == sorted(names)
         clock.advance(60)
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://me:se%zzcret@127.0.0.1:1/q", "postgresql://me:secret@h/q?foo=1"]
+)
+def test_a_url_libpq_cannot_read_is_a_config_error_that_names_no_part_of_it(url: str) -> None:
+    with pytest.raises(ConfigError, match="not a PostgreSQL URL") as raised:
+        PostgresJobQueue(url, max_attempts=MAX_ATTEMPTS)
+    assert not [text for text in error_texts(raised.value) if "secret" in text]

@@ -51,6 +51,7 @@ from service.queue.journal import (
 from service.queue.postgres_io import (
     CALL_TIMEOUT_S,
     LoopThread,
+    check_url,
     connect,
     listen,
     make_pool,
@@ -94,6 +95,7 @@ class PostgresJobQueue(JobQueue):
         checks.max_attempts(max_attempts)
         if not (math.isfinite(lease_s) and lease_s > 0):
             raise ValueError(f"lease_s must be a finite number > 0, got {lease_s!r}")
+        check_url(url)
         self.max_attempts = max_attempts
         self.lease_s = float(lease_s)
         self.where = public_url(url)

@@ -49,6 +49,21 @@ CONNECTION_KWARGS: dict[str, Any] = {
 LISTEN_RETRY_S = (0.5, 10.0)  # the listener's reconnect backoff: first, longest
 
 
+def check_url(url: str) -> None:
+    """A ``ConfigError`` for a URL libpq cannot read (a bad percent-encoding, an unknown
+    query parameter), naming no part of it: its password may be what is malformed."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+        readable = True
+    except psycopg.ProgrammingError:
+        readable = False
+    if not readable:  # raised out here: libpq's message, holding the URL, is no context
+        raise ConfigError(
+            "queue.url is not a PostgreSQL URL libpq can read (percent-encode a password"
+            " holding %, @, /, ? or #; only libpq's own ?parameters are allowed)"
+        )
+
+
 def public_url(url: str) -> str:
     """``url`` without its password or options, for messages, logs and ``status``."""
     try:
