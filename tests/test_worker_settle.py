@@ -19,11 +19,13 @@ from service.errors import (
     LabelStudioUnavailable,
     NotYetVisible,
     PermanentError,
+    RetryableError,
     SkipJob,
 )
 from service.labelstudio.client import LabelStudioClient
 from service.metrics import NoMetrics
 from service.queue import Job, JobState, SQLiteJobQueue
+from service.worker import settle as settle_module
 from service.worker.held import Held
 from service.worker.outage import OutageWatch
 from service.worker.settle import Settler
@@ -201,3 +203,48 @@ def test_a_journal_error_is_logged_and_still_frees_the_slot(
         assert queue.counts()[JobState.RUNNING] == 1  # the next start re-queues it
     assert held.busy == 0
     assert "recording its outcome failed" in caplog.text
+
+
+def test_a_journal_write_refused_for_a_moment_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL restarting, SQLite locked past its busy timeout: the outcome is recorded once
+    the queue takes writes again, instead of the job staying running (and, on a shared queue,
+    its lease lapsing: an attempt spent and a suspect run for nothing)."""
+    monkeypatch.setattr(settle_module, "RECORD_RETRY_S", (0.01, 0.01, 0.01))
+
+    class Restarting(SQLiteJobQueue):
+        refusals = 2
+
+        def mark_done(self, job_id: int, reason: str | None = None) -> Job:
+            if self.refusals:
+                self.refusals -= 1
+                raise RetryableError("the job queue is unreachable (mark_done): restarting")
+            return super().mark_done(job_id, reason)
+
+    held = Held(capacity=1)
+
+    async def main(queue: SQLiteJobQueue) -> None:
+        async with LabelStudioClient(
+            "http://ls.test",
+            "0123456789abcdef0123456789abcdef01234567",
+            transport=httpx.MockTransport(lambda request: httpx.Response(200, json={})),
+        ) as client:
+            settler = Settler(
+                queue,
+                held,
+                OutageWatch(client, NoMetrics(), probe_s=1),
+                NoMetrics(),
+                WorkerConfig(),
+            )
+            queue.enqueue(PROJECT, [1], "v1")
+            [job] = queue.claim(1)
+            held.hold(job)
+            await settler.settle(job, "prediction 1001", 0.0)
+
+    with Restarting(tmp_path / "jobs.sqlite3", max_attempts=3) as queue:
+        asyncio.run(main(queue))
+        done = queue.get(PROJECT, 1, "v1")
+        assert done is not None and (done.state, done.reason) == (JobState.DONE, "prediction 1001")
+        assert queue.refusals == 0
+    assert held.busy == 0

@@ -105,10 +105,11 @@ class PostgresJobQueue(JobQueue):
         self._callbacks: list[Callable[[], None]] = []
         # Jobs this handle claimed and has not tried to conclude: the ones ``heartbeat`` renews.
         # A conclude that finds one gone is a lost lease (``LeaseLost``), of any other job a
-        # wrong call (``ValueError``). A conclude that fails (the server away) drops the job
-        # too: renewed no more, its lease lapses and a later claim re-reads its task.
+        # wrong call (``ValueError``). A conclude that fails (the server away) moves the job to
+        # ``_lost``: renewed no more (its lease lapses unless a retry of the conclude lands
+        # first, and a later claim re-reads its task), still known as ours.
         self._held: set[int] = set()
-        self._lost: set[int] = set()  # were in _held until their lease ran out
+        self._lost: set[int] = set()  # were in _held until their lease ran out or a conclude failed
         self._held_lock = threading.Lock()
         self._used: dict[int, float] = {}  # id(connection) -> when a call last used it
         self._listener: asyncio.Task[None] | None = None  # on self._loop
@@ -391,10 +392,14 @@ class PostgresJobQueue(JobQueue):
             was_ours = job_id in self._held or job_id in self._lost
         try:
             after, before = self._run(action, work)
-        finally:
-            with self._held_lock:
-                self._held.discard(job_id)
-                self._lost.discard(job_id)
+        except BaseException:
+            # Renewed no more (a caller that gives up must not leave it running for ever),
+            # still ours: a conclude tried again later succeeds, or finds it taken over.
+            self._lose({job_id})
+            raise
+        with self._held_lock:
+            self._held.discard(job_id)
+            self._lost.discard(job_id)
         if after is not None:
             return after
         if before is None:

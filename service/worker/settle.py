@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 
 # A task not visible yet (its import not committed) is asked for again soon, then less often.
 NOT_YET_RETRY_BASE_S = 1.0
+# A journal write the queue refused for a moment (PostgreSQL restarting, SQLite locked past
+# its busy timeout) is tried again after these pauses (~15 s, well within a lease), then the
+# failure is logged: the job stays running there until a restart (SQLite) or its lease lapses
+# (PostgreSQL), and its task's re-read then finds the prediction that was posted.
+RECORD_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,7 @@ class Settler:
 
     async def _retry(self, job: Job, reason: str, base: float) -> None:
         delay = min(self.settings.retry_max_s, base * 2 ** max(0, job.attempts - 1))
-        after = await asyncio.to_thread(self.queue.retry_later, job.id, reason, delay)
+        after = await self._write(self.queue.retry_later, job.id, reason, delay)
         self.metrics.job_retried()
         if after.state is JobState.FAILED:  # out of attempts
             self.metrics.job_finished(JobState.FAILED, self.clock() - job.created_at)
@@ -135,9 +140,24 @@ class Settler:
             JobState.SKIPPED: self.queue.mark_skipped,
             JobState.FAILED: self.queue.mark_failed,
         }[state]
-        await asyncio.to_thread(mark, job.id, reason)
+        await self._write(mark, job.id, reason)
         self.metrics.job_finished(state, self.clock() - started)
 
     async def _release(self, job: Job, reason: str | None = None) -> None:
         with contextlib.suppress(Exception):
+            # Not retried: releases come in bulk at shutdown, and one that fails costs little
+            # (the job stays running until a restart, or its lease lapses).
             await asyncio.shield(asyncio.to_thread(self.queue.release, job.id, reason))
+
+    async def _write(self, call: Callable[..., Job], *args: object) -> Job:
+        """One journal write, in a thread; tried again while the queue refuses it for a
+        moment (``RetryableError``), up to ``RECORD_RETRY_S``."""
+        for pause in (*RECORD_RETRY_S, None):
+            try:
+                return await asyncio.to_thread(call, *args)
+            except RetryableError as exc:
+                if pause is None:
+                    raise
+                log.warning("a journal write failed, again in %.1f s: %s", pause, exc)
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
