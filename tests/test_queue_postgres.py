@@ -811,3 +811,27 @@ def test_a_url_libpq_cannot_read_is_a_config_error_that_names_no_part_of_it(url:
     with pytest.raises(ConfigError, match="not a PostgreSQL URL") as raised:
         PostgresJobQueue(url, max_attempts=MAX_ATTEMPTS)
     assert not [text for text in error_texts(raised.value) if "secret" in text]
+
+
+def test_pooled_sessions_bound_how_long_a_frozen_client_holds_locks(pg_url: str) -> None:
+    # A worker frozen (SIGSTOP) inside a transaction, or with a pipeline sent but not synced,
+    # holds its row locks: the server drops an idle transaction, waiters give up on a lock,
+    # and a peer that vanished is found by keepalives, each within seconds, not hours.
+    with PostgresJobQueue(pg_url, max_attempts=MAX_ATTEMPTS) as queue:
+        shown = {
+            name: queue._fetch("test", f"SHOW {name}")[0][0]  # a pooled connection's session
+            for name in (
+                "idle_in_transaction_session_timeout",
+                "lock_timeout",
+                "tcp_keepalives_idle",
+                "tcp_keepalives_interval",
+                "tcp_keepalives_count",
+            )
+        }
+    assert shown == {
+        "idle_in_transaction_session_timeout": "30s",
+        "lock_timeout": "5s",
+        "tcp_keepalives_idle": "10",
+        "tcp_keepalives_interval": "5",
+        "tcp_keepalives_count": "2",
+    }

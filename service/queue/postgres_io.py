@@ -36,14 +36,17 @@ CHECK_IDLE_S = 1.0  # a pooled connection idle longer than this is checked befor
 # libpq's own: a connection whose peer vanished without a word (a cut network) is found dead
 # within ~20 s instead of the kernel's two hours; keeps a frozen query from holding a lease.
 KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_COUNT = 2
 IDLE_IN_TX_MS = 30_000
+LOCK_TIMEOUT_MS = 5_000
 CONNECTION_KWARGS: dict[str, Any] = {
     "connect_timeout": CONNECT_TIMEOUT_S,
     "application_name": APPLICATION_NAME,
     "keepalives": 1,
     "keepalives_idle": KEEPALIVE_IDLE_S,
-    "keepalives_interval": 5,
-    "keepalives_count": 2,
+    "keepalives_interval": KEEPALIVE_INTERVAL_S,
+    "keepalives_count": KEEPALIVE_COUNT,
     "tcp_user_timeout": 20000,
 }
 LISTEN_RETRY_S = (0.5, 10.0)  # the listener's reconnect backoff: first, longest
@@ -162,6 +165,11 @@ def make_pool(
         # the kernel's two hours). SET, not a startup option: PgBouncer refuses those.
         await conn.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TX_MS}")
         await conn.execute(f"SET tcp_keepalives_idle = {KEEPALIVE_IDLE_S}")
+        await conn.execute(f"SET tcp_keepalives_interval = {KEEPALIVE_INTERVAL_S}")
+        await conn.execute(f"SET tcp_keepalives_count = {KEEPALIVE_COUNT}")
+        # A process frozen with a statement sent but its pipeline not yet synced holds its
+        # row locks, "active", for as long as it is frozen: nothing waits on them longer.
+        await conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
 
     async def check(conn: psycopg.AsyncConnection[Any]) -> None:
         if time.monotonic() - used.get(id(conn), -math.inf) > CHECK_IDLE_S:
