@@ -326,6 +326,13 @@ def test_predictions_create_read_import_delete(ls_client: MakeClient) -> None:
             )
             assert [dict(r) for r in prediction.result] == brush_result()
             assert task.predictions_model_versions == ("seg-v1",)
+            # With the task's project in the body (saves Label Studio its lookup): the same.
+            with_project = await ls.create_prediction(
+                PredictionIn(second, brush_result(), 0.6, "seg-v0"), project=project.id
+            )
+            (stored,) = (await ls.get_task(second)).predictions or ()
+            assert (stored.id, stored.model_version) == (with_project, "seg-v0")
+            await ls.delete_prediction(with_project)
 
             # 1.23.2 drops predictions that do not fit the label config, without an error
             batch = [

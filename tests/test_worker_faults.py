@@ -234,6 +234,7 @@ def assert_one_correct_prediction_each(fake: FakeLabelStudio, tasks: list[int]) 
     for task in tasks:
         posted = fake.predictions.get(task, [])
         assert len(posted) == 1, f"task {task}: {len(posted)} predictions"
+        assert posted[0]["project"] == PROJECT  # spares Label Studio its lookup of the task
         decoded = dict(decode_result(r) for r in posted[0]["result"])
         np.testing.assert_array_equal(decoded["label_a"] > 0, red_block(task)[1])
 

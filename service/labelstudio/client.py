@@ -347,13 +347,20 @@ class LabelStudioClient:
 
     # -- predictions and annotations ----------------------------------------------------------
 
-    async def create_prediction(self, prediction: PredictionIn, *, retry: bool = True) -> int:
+    async def create_prediction(
+        self, prediction: PredictionIn, *, retry: bool = True, project: int | None = None
+    ) -> int:
         """Create one prediction. ``retry=False`` makes one try only: a POST that timed out
-        may have been applied, so a caller that must not duplicate checks and tries again."""
+        may have been applied, so a caller that must not duplicate checks and tries again.
+        ``project``: the task's project, if known; Label Studio 1.23.2 looks it up (1-2
+        queries and a warning) when the body lacks it."""
+        body = prediction.to_json()
+        if project is not None:
+            body["project"] = int(project)
         response = await self._sender.send(
             "POST",
             self._url("/api/predictions/"),
-            json_body=prediction.to_json(),
+            json_body=body,
             retries=None if retry else 0,
         )
         return _req_int(_object(_json(response), "prediction"), "id")

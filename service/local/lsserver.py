@@ -143,7 +143,8 @@ def start(
         "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(data_dir),
         "LATEST_VERSION_CHECK": "false",
-        "COLLECT_ANALYTICS": "false",
+        "COLLECT_ANALYTICS": "false",  # else every request builds and posts a payload
+        "SENTRY_DSN": "",  # Sentry off
         "DJANGO_DB": "sqlite",
     }
     env.update(settings)

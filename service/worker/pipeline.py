@@ -481,7 +481,9 @@ class Worker:
                 try:
                     if not await self._leases.holds(job):
                         return LeaseLost(f"job {job.id}: its lease ran out before the post")
-                    created = await self.client.create_prediction(prediction, retry=False)
+                    created = await self.client.create_prediction(
+                        prediction, retry=False, project=job.project
+                    )
                 except Exception as exc:  # the post, or the queue away: this job's outcome
                     return exc
                 try:
