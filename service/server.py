@@ -50,6 +50,9 @@ READY_CACHE_S = 5.0  # /ready answers from this old a check: probes must not loa
 
 def make_client(config: Config) -> LabelStudioClient:
     ls = config.label_studio
+    for key, root in (("media_root", ls.media_root), ("local_files_root", ls.local_files_root)):
+        if root is not None and not root.is_dir():
+            raise ConfigError(f"label_studio.{key} {root} is not a folder this process can read")
     return LabelStudioClient(
         ls.url,
         config.require(ls.token, "label_studio.token"),
@@ -57,6 +60,8 @@ def make_client(config: Config) -> LabelStudioClient:
         timeout_s=ls.timeout_s,
         download_timeout_s=ls.download_timeout_s,
         allowed_image_hosts=ls.allowed_image_hosts,
+        media_root=ls.media_root,
+        local_files_root=ls.local_files_root,
     )
 
 

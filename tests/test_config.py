@@ -252,6 +252,8 @@ def every_field_set(tmp_path: Path) -> dict[str, Any]:
             timeout_s=12.5,
             download_timeout_s=7.5,
             allowed_image_hosts=("images.internal", "10.0.0.0/8"),
+            media_root=tmp_path / "ls-data" / "media",
+            local_files_root=tmp_path / "ls-files",
         ),
         "projects": (
             ProjectConfig(id=7, from_name="tag", to_name="image", label_map={"a": "A"}),

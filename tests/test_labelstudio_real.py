@@ -241,11 +241,14 @@ def test_get_tasks_reads_the_named_tasks_of_one_project_in_full(ls_client: MakeC
     asyncio.run(run())
 
 
-def test_files_with_odd_names_round_trip(ls_client: MakeClient) -> None:
+def test_files_with_odd_names_round_trip(
+    ls_client: MakeClient, label_studio: lsserver.LocalLabelStudio
+) -> None:
     files = [("img 0.jpg", os.urandom(3000)), ("façade ü.png", os.urandom(2000))]
+    media = label_studio.data_dir / "media"  # LABEL_STUDIO_BASE_DATA_DIR/media
 
     async def run() -> None:
-        async with ls_client() as ls:
+        async with ls_client() as ls, ls_client(media_root=media) as direct:
             project = await new_brush_project(ls)
             ids = await ls.upload_files(project.id, files)
             assert len(ids) == 2
@@ -254,6 +257,9 @@ def test_files_with_odd_names_round_trip(ls_client: MakeClient) -> None:
                 url = task.data["image"]
                 assert url.startswith(f"/data/upload/{project.id}/")
                 assert await ls.files.download(task_id, url) == content
+                # The same file where media_root says Label Studio keeps it: read from disk.
+                assert direct.files.disk.path_for(url) is not None, url
+                assert await direct.files.download(task_id, url) == content
             names = [(await ls.get_task(i)).data["image"] for i in ids]
             assert names[0].endswith("-img_0.jpg")  # Label Studio sanitizes the name
             with pytest.raises(NotFoundError):  # Label Studio itself answers 500 here

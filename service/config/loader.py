@@ -88,7 +88,9 @@ def parse_config(raw: object, source: Path, environ: Mapping[str, str]) -> Confi
             "source": source,
             "model": model,
             "prediction": _parse_prediction(root.section("prediction", PredictionConfig), model),
-            "label_studio": _parse_label_studio(root.section("label_studio", LabelStudioConfig)),
+            "label_studio": _parse_label_studio(
+                root.section("label_studio", LabelStudioConfig), base
+            ),
             "projects": _parse_projects(root.get("projects"), source),
             "server": _parse_server(root.section("server", ServerConfig)),
             "state_dir": base / str(root.get("state_dir")),
@@ -227,7 +229,7 @@ def parse_threshold_flag(text: str, labels: tuple[str, ...]) -> dict[str, float]
     return out
 
 
-def _parse_label_studio(s: Section[LabelStudioConfig]) -> LabelStudioConfig:
+def _parse_label_studio(s: Section[LabelStudioConfig], base: Path) -> LabelStudioConfig:
     url = s.str_value("url").rstrip("/")
     problem = url_problem(url)
     if problem:
@@ -237,7 +239,13 @@ def _parse_label_studio(s: Section[LabelStudioConfig]) -> LabelStudioConfig:
         problem = image_host_problem(entry)
         if problem:
             raise s.error("allowed_image_hosts", f"item {problem}")
-    settings = s.build({"url": url, "allowed_image_hosts": hosts}, float_minimum=0.0)
+    roots = {}
+    for key in ("media_root", "local_files_root"):
+        value = s.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise s.error(key, "must be a folder path")
+        roots[key] = None if value is None else base / value
+    settings = s.build({"url": url, "allowed_image_hosts": hosts, **roots}, float_minimum=0.0)
     for key in ("timeout_s", "download_timeout_s"):
         if getattr(settings, key) == 0:  # a deadline of nothing fails every request
             raise s.error(key, "must be > 0")

@@ -11,6 +11,7 @@ import asyncio
 import json
 import mimetypes
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -19,6 +20,7 @@ import httpx
 from service.config import LabelStudioConfig
 from service.constants import TokenType
 from service.errors import LabelStudioError
+from service.labelstudio.disk import DiskFiles
 from service.labelstudio.files import Files
 from service.labelstudio.parse import (
     _content_kind,
@@ -72,6 +74,8 @@ class LabelStudioClient:
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         download_timeout_s: float = LabelStudioConfig.download_timeout_s,
+        media_root: Path | None = LabelStudioConfig.media_root,
+        local_files_root: Path | None = LabelStudioConfig.local_files_root,
     ) -> None:
         self._sender = Sender(
             base_url,
@@ -88,7 +92,10 @@ class LabelStudioClient:
         self.base_url = self._sender.base_url
         self.token_type = self._sender.credentials.token_type
         # Task data URLs -> bytes: ``client.files.download(task_id, url)``, ``.serves(url)``.
-        self.files = Files(self._sender, download_timeout_s)
+        # Read from disk where ``media_root`` / ``local_files_root`` reach Label Studio's files.
+        self.files = Files(
+            self._sender, download_timeout_s, DiskFiles(media_root, local_files_root)
+        )
 
     async def __aenter__(self) -> Self:
         return self

@@ -12,17 +12,20 @@ import base64
 import httpx
 
 from service.errors import DownloadTimeout, LabelStudioError, NotFoundError
+from service.labelstudio.disk import DiskFiles
 from service.labelstudio.transport import Sender
 from service.labelstudio.types import CLOUD_SCHEMES, DEFAULT_MAX_BYTES
 from service.labelstudio.urls import shown_url
 
 
 class Files:
-    """Downloads through ``sender``: its token goes to Label Studio's own host only."""
+    """Downloads through ``sender``: its token goes to Label Studio's own host only; files
+    ``disk`` reaches (Label Studio's uploads and local files on this machine) read from disk."""
 
-    def __init__(self, sender: Sender, timeout_s: float) -> None:
+    def __init__(self, sender: Sender, timeout_s: float, disk: DiskFiles | None = None) -> None:
         self.sender = sender
         self.timeout_s = timeout_s
+        self.disk = disk if disk is not None else DiskFiles(None, None)
 
     def serves(self, url: str) -> bool:
         """Whether Label Studio itself answers a download of this task URL (a root-relative
@@ -75,6 +78,9 @@ class Files:
             return await self._download_cloud(task_id, url, max_bytes)
         shown = shown_url(url)
         if url.startswith("/") and not url.startswith("//"):
+            on_disk = self.disk.path_for(url)  # RefusedURL if it leads outside its root
+            if on_disk is not None:
+                return await asyncio.to_thread(self.disk.read, on_disk, max_bytes)
             if url.startswith("/data/local-files"):
                 shown = url  # ?d= is the file's path, not a secret
             return await self.sender.fetch(self.sender.data_url(url), shown, max_bytes)

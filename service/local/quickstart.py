@@ -105,13 +105,22 @@ async def quickstart(options: QuickstartOptions, out: TextIO) -> int:
         url, token = started.url, credentials["token"]
         login = f"{credentials['username']} / {credentials['password']}"
     try:
-        return await _run(options, url, token, login, out)
+        # Our own Label Studio's files are on this disk: read, not downloaded.
+        files = started.data_dir if started is not None else None
+        return await _run(options, url, token, login, out, files)
     finally:
         if started is not None:
             await asyncio.to_thread(started.stop)
 
 
-async def _run(options: QuickstartOptions, url: str, token: str, login: str, out: TextIO) -> int:
+async def _run(
+    options: QuickstartOptions,
+    url: str,
+    token: str,
+    login: str,
+    out: TextIO,
+    ls_data: Path | None = None,
+) -> int:
     base = options.base_config
     images = list_images(options.images_dir)
     if not images:
@@ -122,7 +131,7 @@ async def _run(options: QuickstartOptions, url: str, token: str, login: str, out
         wanted = ServerConfig().port
         port = wanted if _port_free(wanted) else lsserver.free_port()
         secret = secrets.token_hex(16)
-        config_path = _write_config(options, url, project, port)
+        config_path = _write_config(options, url, project, port, ls_data)
         config = load_config(
             config_path,
             environ={TOKEN_ENV: token, SECRET_ENV: secret},
@@ -186,10 +195,14 @@ async def _wait(client: LabelStudioClient, project: int, timeout_s: float) -> tu
         await asyncio.sleep(1.0)
 
 
-def _write_config(options: QuickstartOptions, url: str, project: int, port: int) -> Path:
+def _write_config(
+    options: QuickstartOptions, url: str, project: int, port: int, ls_data: Path | None
+) -> Path:
     """The service's config: the base config with this run's Label Studio, project, port and
     state folder; the token and the secret stay in the environment (``${NAME}``), out of the
-    file."""
+    file. ``ls_data``: the data folder of the Label Studio started here, whose uploads and
+    local files the service then reads from disk (``lsserver``: its base data dir and its
+    local-files document root)."""
     base = options.base_config
     return write_config(
         options.data_dir / "config.yaml",
@@ -201,6 +214,8 @@ def _write_config(options: QuickstartOptions, url: str, project: int, port: int)
             url=url,
             token=MissingEnv(TOKEN_ENV),
             token_type=LabelStudioConfig.token_type,
+            media_root=ls_data / "media" if ls_data else base.label_studio.media_root,
+            local_files_root=ls_data if ls_data else base.label_studio.local_files_root,
         ),
         projects=[ProjectConfig(id=project)],
         server=replace(
