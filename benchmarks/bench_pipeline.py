@@ -12,8 +12,10 @@ What it does:
    own data, seeded) at ``--size`` and encodes them as JPEG (quality 90).
 2. Writes a service config from ``--config`` (default: the repository's ``config.yaml``, the
    bundled demo model) with ``machine.service_config``: its sections verbatim but this run's
-   Label Studio URL, project, server and state_dir, and ``model.device`` (``--device``,
-   default ``cpu``: the target is a CPU target). Both sides
+   Label Studio URL, project, server and state_dir, ``model.device`` (``--device``,
+   default ``cpu``: the target is a CPU target) and ``label_studio.media_root`` (``--reads
+   disk``, the default: the uploads are read from Label Studio's media folder, as the
+   quickstart does; ``--reads http`` downloads them from Label Studio). Both sides
    load that same file, so batch size, thresholds, ``prob_upsample``, ``min_pixels`` and
    torch threads are the same. ``reconcile.on_startup`` is false and its interval an hour:
    the project is empty at start-up, and a webhook that got lost must show as a failure
@@ -432,6 +434,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--bare-runs", type=int, default=2, help="bare model runs before and again after"
     )
+    parser.add_argument(
+        "--reads",
+        choices=("disk", "http"),
+        default="disk",
+        help="how the service gets the uploaded images: from Label Studio's media folder "
+        "(label_studio.media_root, as the quickstart does; default) or downloaded from it",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the service")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data folder")
     return parser.parse_args(argv)
@@ -498,7 +507,14 @@ def _measure(
     device = None if args.device == "config" else args.device
     no_reconcile = ReconcileConfig(on_startup=False, interval_s=3600)
     config_path, _ = service_config(
-        work, ls.url, project, port, base=args.config, device=device, reconcile=no_reconcile
+        work,
+        ls.url,
+        project,
+        port,
+        base=args.config,
+        device=device,
+        reconcile=no_reconcile,
+        media_root=ls.data_dir / "media" if args.reads == "disk" else None,
     )
     secret = secrets.token_hex(16)
     env = {**os.environ, TOKEN_ENV: ls.legacy_token, SECRET_ENV: secret}

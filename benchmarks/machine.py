@@ -57,18 +57,24 @@ def service_config(
     device: str | None = None,
     reconcile: settings.ReconcileConfig | None = None,
     queue: settings.QueueConfig | None = None,
+    media_root: Path | None = None,
 ) -> tuple[Path, settings.Config]:
     """``base`` (the repository's config.yaml unless given) with this run's Label Studio URL,
-    project, server and state_dir, and ``model.device``, ``reconcile`` and ``queue`` where
-    given, written to ``folder`` by the service's own writer. Returns its path and the
-    settings read back (``${...}`` values unset: ``serve`` reads them from its environment)."""
+    project, server and state_dir, and ``model.device``, ``reconcile``, ``queue`` and
+    ``label_studio.media_root`` (Label Studio's uploads read from disk) where given, written
+    to ``folder`` by the service's own writer. Returns its path and the settings read back
+    (``${...}`` values unset: ``serve`` reads them from its environment)."""
     given = settings.load_config(base, environ={})
     secret = settings.MissingEnv(SECRET_ENV)
     path = settings.write_config(
         folder / "config.yaml",
         given.model if device is None else replace(given.model, device=device),
         prediction=given.prediction,
-        label_studio=replace(given.label_studio, url=url),
+        label_studio=replace(
+            given.label_studio,
+            url=url,
+            media_root=media_root or given.label_studio.media_root,
+        ),
         projects=[settings.ProjectConfig(project)],
         server=settings.ServerConfig(host="127.0.0.1", port=port, webhook_secret=secret),
         state_dir=folder / "state",
