@@ -435,6 +435,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--bare-runs", type=int, default=2, help="bare model runs before and again after"
     )
     parser.add_argument(
+        "--model",
+        default=None,
+        help="the model both sides run instead of --config's: a TorchScript file with the same "
+        "contract, or 'heavy': the demo UNet three times as wide (~9x its cost), random weights",
+    )
+    parser.add_argument(
         "--reads",
         choices=("disk", "http"),
         default="disk",
@@ -444,6 +450,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the service")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data folder")
     return parser.parse_args(argv)
+
+
+def model_file(name: str, work: Path) -> Path:
+    """``--model``: a file as given, or 'heavy', written to ``work``: the demo model's UNet
+    (scripts/train_demo_model.py) with three times its widths, random weights, exported the
+    same way (frozen TorchScript, per-label logits): what a production-size model costs."""
+    if name != "heavy":
+        return Path(name).resolve()
+    sys.path.insert(0, str(REPO / "scripts"))
+    import train_demo_model as demo  # the script's own classes, not a copy
+
+    torch.manual_seed(0)
+    wide = tuple(width * 3 for width in demo.WIDTHS)
+    model = demo.LabelLogits(demo.UNet(widths=wide)).eval()
+    path = work / "heavy_unet.pt"
+    torch.jit.save(torch.jit.freeze(torch.jit.script(model)), str(path))
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -515,6 +538,7 @@ def _measure(
         device=device,
         reconcile=no_reconcile,
         media_root=ls.data_dir / "media" if args.reads == "disk" else None,
+        model_path=None if args.model is None else model_file(args.model, work),
     )
     secret = secrets.token_hex(16)
     env = {**os.environ, TOKEN_ENV: ls.legacy_token, SECRET_ENV: secret}

@@ -58,17 +58,23 @@ def service_config(
     reconcile: settings.ReconcileConfig | None = None,
     queue: settings.QueueConfig | None = None,
     media_root: Path | None = None,
+    model_path: Path | None = None,
 ) -> tuple[Path, settings.Config]:
     """``base`` (the repository's config.yaml unless given) with this run's Label Studio URL,
     project, server and state_dir, and ``model.device``, ``reconcile``, ``queue`` and
-    ``label_studio.media_root`` (Label Studio's uploads read from disk) where given, written
+    ``label_studio.media_root`` (Label Studio's uploads read from disk) and ``model.path``
+    where given, written
     to ``folder`` by the service's own writer. Returns its path and the settings read back
     (``${...}`` values unset: ``serve`` reads them from its environment)."""
     given = settings.load_config(base, environ={})
     secret = settings.MissingEnv(SECRET_ENV)
     path = settings.write_config(
         folder / "config.yaml",
-        given.model if device is None else replace(given.model, device=device),
+        replace(
+            given.model,
+            device=device or given.model.device,
+            path=model_path or given.model.path,
+        ),
         prediction=given.prediction,
         label_studio=replace(
             given.label_studio,
