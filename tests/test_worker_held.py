@@ -55,7 +55,7 @@ def test_a_job_claimed_twice_is_held_once(caplog: pytest.LogCaptureFixture) -> N
     assert held.hold(job(5))
     assert not held.hold(job(5))
     assert held.busy == 1
-    assert "job 5 task 105 claimed while held already" in caplog.text
+    assert "job 5 task 105 claimed again while held here" in caplog.text
 
 
 def test_wait_for_room_returns_when_a_job_is_settled() -> None:

@@ -41,9 +41,10 @@ class Held:
         return job.id in self._held
 
     def hold(self, job: Job) -> bool:
-        """Count a claimed job; False (logged) if it is held already, a bug not to work twice."""
+        """Count a claimed job; False (logged) if it is held already: a shared queue hands a
+        job back to the worker still settling it once its lease ran out meanwhile."""
         if job.id in self._held or job.id in self._settling:
-            log.error("job %s task %s claimed while held already: ignored", job.id, job.task)
+            log.warning("job %s task %s claimed again while held here", job.id, job.task)
             return False
         self._held.add(job.id)
         return True

@@ -241,14 +241,33 @@ class Worker:
             self._supervisor.ok("claim")
             self._alone = any(job.suspect for job in jobs)
             by_project: dict[int, list[Job]] = {}
+            again = []
             for job in jobs:
                 if self.held.hold(job):
                     by_project.setdefault(job.project, []).append(job)
+                else:
+                    again.append(job)
             for project, group in by_project.items():
                 self._spawn(self._prepare_group(project, group))
-            if jobs:
+            if again:
+                await self._give_back_again(again, stop)
+            if by_project:
                 continue
-            await self._wait(stop)
+            if not again:
+                await self._wait(stop)
+
+    async def _give_back_again(self, jobs: list[Job], stop: asyncio.Event) -> None:
+        """Jobs a shared queue handed back to this worker while an earlier claim of them is
+        still settling here (their lease ran out meanwhile: the queue away, a freeze). Left
+        alone, such a claim would be renewed for ever and never worked: give it back (not
+        counted) and claim again only once a held job has settled (the earlier one, which
+        then finds the job released, or the prediction there on the next try)."""
+        for job in jobs:
+            try:
+                await asyncio.to_thread(self.queue.release, job.id)
+            except Exception:  # its lease lapses instead, renewed no more
+                log.exception("job %s task %s: giving back a second claim failed", job.id, job.task)
+        await self.held.wait_for_room(stop)
 
     async def _wait(self, stop: asyncio.Event) -> None:
         timeout = self.settings.worker.idle_poll_s
