@@ -835,3 +835,13 @@ def test_pooled_sessions_bound_how_long_a_frozen_client_holds_locks(pg_url: str)
         "tcp_keepalives_interval": "5",
         "tcp_keepalives_count": "2",
     }
+
+
+def test_opening_makes_a_database_that_lost_a_table_whole(pg_url: str) -> None:
+    with PostgresJobQueue(pg_url, max_attempts=MAX_ATTEMPTS) as queue:
+        queue.enqueue(3, [1], "v1")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE ls_autoseg_inbox")  # as a database of an earlier build has
+    with PostgresJobQueue(pg_url, max_attempts=MAX_ATTEMPTS) as queue:
+        queue.accept(3, [2], "v1")
+        assert tasks(queue.claim(10)) == [1, 2]

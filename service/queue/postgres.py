@@ -159,12 +159,14 @@ class PostgresJobQueue(JobQueue):
                     f"the job queue at {self.where} has schema version {version}, newer than "
                     f"this program's {db.SCHEMA_VERSION}; upgrade ls-autoseg"
                 )
-            if version < db.SCHEMA_VERSION:
-                for old in range(version, db.SCHEMA_VERSION) if version else ():
-                    for statement in db.UPGRADES[old]:
-                        await conn.execute(statement)
-                for statement in db.SCHEMA[1:]:
+            for old in range(version, db.SCHEMA_VERSION) if version else ():
+                for statement in db.UPGRADES[old]:
                     await conn.execute(statement)
+            # Every time (each creates only what is missing, a few ms): a database that
+            # lost a table or index, or predates one of this version's, is made whole.
+            for statement in db.SCHEMA[1:]:
+                await conn.execute(statement)
+            if version < db.SCHEMA_VERSION:
                 await conn.execute(
                     "INSERT INTO ls_autoseg_meta (key, value) VALUES ('schema_version', %s)"
                     " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
