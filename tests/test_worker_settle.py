@@ -171,16 +171,10 @@ def test_a_job_settles_once_and_a_second_settle_records_nothing(
     assert caplog.text.count("settled again (not held): refused") == 2
 
 
-def test_a_journal_error_is_logged_and_still_frees_the_slot(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    class BrokenJournal(SQLiteJobQueue):
-        def mark_done(self, job_id: int, reason: str | None = None) -> Job:
-            raise RuntimeError("disk I/O error (simulated)")
+def settle_one_done(queue: SQLiteJobQueue, held: Held) -> None:
+    """Claim one job of ``queue``, hold it in ``held`` and settle it done, as the worker does."""
 
-    held = Held(capacity=1)
-
-    async def main(queue: SQLiteJobQueue) -> None:
+    async def main() -> None:
         async with LabelStudioClient(
             "http://ls.test",
             "0123456789abcdef0123456789abcdef01234567",
@@ -198,8 +192,20 @@ def test_a_journal_error_is_logged_and_still_frees_the_slot(
             held.hold(job)
             await settler.settle(job, "prediction 1001", 0.0)
 
+    asyncio.run(main())
+
+
+def test_a_journal_error_is_logged_and_still_frees_the_slot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class BrokenJournal(SQLiteJobQueue):
+        def mark_done(self, job_id: int, reason: str | None = None) -> Job:
+            raise RuntimeError("disk I/O error (simulated)")
+
+    held = Held(capacity=1)
+
     with BrokenJournal(tmp_path / "jobs.sqlite3", max_attempts=3) as queue:
-        asyncio.run(main(queue))
+        settle_one_done(queue, held)
         assert queue.counts()[JobState.RUNNING] == 1  # the next start re-queues it
     assert held.busy == 0
     assert "recording its outcome failed" in caplog.text
@@ -224,26 +230,8 @@ def test_a_journal_write_refused_for_a_moment_is_tried_again(
 
     held = Held(capacity=1)
 
-    async def main(queue: SQLiteJobQueue) -> None:
-        async with LabelStudioClient(
-            "http://ls.test",
-            "0123456789abcdef0123456789abcdef01234567",
-            transport=httpx.MockTransport(lambda request: httpx.Response(200, json={})),
-        ) as client:
-            settler = Settler(
-                queue,
-                held,
-                OutageWatch(client, NoMetrics(), probe_s=1),
-                NoMetrics(),
-                WorkerConfig(),
-            )
-            queue.enqueue(PROJECT, [1], "v1")
-            [job] = queue.claim(1)
-            held.hold(job)
-            await settler.settle(job, "prediction 1001", 0.0)
-
     with Restarting(tmp_path / "jobs.sqlite3", max_attempts=3) as queue:
-        asyncio.run(main(queue))
+        settle_one_done(queue, held)
         done = queue.get(PROJECT, 1, "v1")
         assert done is not None and (done.state, done.reason) == (JobState.DONE, "prediction 1001")
         assert queue.refusals == 0
