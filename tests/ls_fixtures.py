@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from service.labelstudio import Project, Task
+from service.labelstudio import PredictionIn, Project, Task
 from service.labelstudio.client import LabelStudioClient
 from service.local import lsserver
 
@@ -90,3 +90,14 @@ def tasks_of(ls_client: Callable[..., LabelStudioClient], project: int) -> list[
             return [t async for t in ls.iter_tasks(project, fields_all=True)]
 
     return asyncio.run(run())
+
+
+def misfit_batch(first: int, second: int, version: str) -> list[PredictionIn]:
+    """Four predictions of which two do not fit BRUSH_CONFIG (an unknown control, an unknown
+    label): Label Studio's legacy bulk import drops those two, its batched one stores all."""
+    return [
+        PredictionIn(first, brush_result("label_b"), 0.5, version),
+        PredictionIn(second, brush_result("label_c"), 0.5, version),
+        PredictionIn(second, brush_result(from_name="unknown"), 0.5, version),
+        PredictionIn(second, brush_result("no_such_label"), 0.5, version),
+    ]

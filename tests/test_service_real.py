@@ -32,8 +32,8 @@ from service_harness import (
 )
 
 from service.config import ModelConfig
-from service.intake.reconcile import untouched_query
 from service.labelstudio import PredictionIn
+from service.labelstudio.queries import untouched_query
 from service.local import lsserver
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]

@@ -12,41 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from service.config import ReconcileConfig
 from service.errors import AutosegError, RetryableError
 from service.labelstudio.client import LabelStudioClient
+from service.labelstudio.queries import untouched_query
 from service.queue import JobQueue
 
 log = logging.getLogger(__name__)
 
 ENQUEUE_CHUNK = 1000  # tasks per page read, and per enqueue
-
-
-def untouched_query(model_version: str, after_id: int = 0) -> dict[str, Any]:
-    """Data Manager query: tasks with an id over ``after_id``, in id order, that nobody
-    annotated or skipped and without a prediction of ``model_version`` (what a missed webhook
-    leaves behind); predictions of other versions do not count. Label Studio compares
-    versions as substrings: a task whose only predictions are of "v1-old" is taken as
-    predicted by "v1" and not reconciled (the worker's own check is exact, so this can miss
-    a task, never duplicate one)."""
-    items: list[dict[str, Any]] = [
-        {"filter": f"filter:tasks:{column}", "operator": "equal", "type": "Number", "value": 0}
-        for column in ("total_annotations", "cancelled_annotations")
-    ]
-    items.append(
-        {
-            "filter": "filter:tasks:predictions_model_versions",
-            "operator": "not_contains",
-            "type": "List",
-            "value": [model_version],
-        }
-    )
-    items.append(
-        {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": after_id}
-    )
-    return {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]}
 
 
 async def reconcile(
@@ -66,7 +41,10 @@ async def reconcile(
     new, after = 0, 0
     while True:
         tasks, _ = await client.task_page(
-            project, page_size=page_size, query=untouched_query(model_version, after)
+            project,
+            page_size=page_size,
+            query=untouched_query(model_version, after_id=after),
+            include="id",
         )
         if not tasks:
             break

@@ -8,6 +8,7 @@ those above it:
     types.py      frozen dataclasses (Project, Task, PredictionIn, ...) and the API's numbers
     parse.py      Label Studio's JSON -> those values, checked once
     auth.py       tokens; the httpx.Auth flow (legacy Token, or PAT -> refreshed Bearer)
+    queries.py    Data Manager queries: which tasks a list read returns, which fields
     urls.py       which image URLs task data may make us fetch, and the address to connect to
     transport.py  sending: retries, redirects, bounded reads, the token's origin, errors
     client.py     LabelStudioClient: one method per API call

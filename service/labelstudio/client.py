@@ -38,6 +38,7 @@ from service.labelstudio.parse import (
     _parse_webhook,
     _req_int,
 )
+from service.labelstudio.queries import LEAN_FIELDS, untouched_query
 from service.labelstudio.transport import Sender, _webhook_refused
 from service.labelstudio.types import (
     MAX_FILES_PER_IMPORT,
@@ -49,6 +50,10 @@ from service.labelstudio.types import (
     Webhook,
 )
 from service.labelstudio.urls import ImageHosts, Resolver, system_resolver
+
+# How the batched ``import/predictions`` of 1.23.2 refuses task 0 (``bulk_is_cheap``); its
+# legacy path says "couldn't be retrieved" or "Invalid task ID 0 - task not found".
+_BATCHED_IMPORT_REFUSAL = "task ID 0 not found in project"
 
 
 class LabelStudioClient:
@@ -241,9 +246,11 @@ class LabelStudioClient:
         page_size: int = 100,
         fields_all: bool = False,
         query: Mapping[str, Any] | None = None,
+        include: str | None = None,
     ) -> tuple[list[Task] | None, int | None]:
         """One page of the task list and the total if Label Studio gave it; ``None`` for a
-        page past the end (Label Studio answers 404 "Invalid page.")."""
+        page past the end (Label Studio answers 404 "Invalid page."). ``include``: only these
+        fields (comma-separated, e.g. ``queries.LEAN_FIELDS``), a lighter read."""
         url = self._url("/api/tasks/")
         params: dict[str, str | int] = {
             "project": int(project_id),
@@ -252,6 +259,8 @@ class LabelStudioClient:
         }
         if fields_all:
             params["fields"] = "all"
+        if include is not None:
+            params["include"] = include
         if query is not None:
             params["query"] = json.dumps(query, separators=(",", ":"))
         response = await self._sender.send("GET", url, params=params, allow=frozenset({404}))
@@ -276,16 +285,44 @@ class LabelStudioClient:
         One list request costs Label Studio 3-8 ms of CPU per task where ``GET
         /api/tasks/{id}/`` costs ~60 ms (measured on 1.23.2).
         """
+        return await self._tasks_by_id(
+            project_id,
+            task_ids,
+            lambda chunk: {
+                "fields_all": True,
+                "query": {"selectedItems": {"all": False, "included": chunk}},
+            },
+        )
+
+    async def untouched_tasks(
+        self, project_id: int, task_ids: Sequence[int], model_version: str
+    ) -> dict[int, Task]:
+        """Of the given tasks of one project, those nobody annotated or skipped and with no
+        prediction whose model_version contains ``model_version``, by id, read lean
+        (``queries.LEAN_FIELDS``, no annotation or prediction lists). A task missing from
+        the answer may still need work (see ``queries.untouched_query``): read it in full."""
+        return await self._tasks_by_id(
+            project_id,
+            task_ids,
+            lambda chunk: {
+                "include": LEAN_FIELDS,
+                "query": untouched_query(model_version, ids=chunk),
+            },
+        )
+
+    async def _tasks_by_id(
+        self,
+        project_id: int,
+        task_ids: Sequence[int],
+        page: Callable[[list[int]], dict[str, Any]],
+    ) -> dict[int, Task]:
+        """The tasks among ``task_ids`` that a list read with ``page(chunk)``'s arguments
+        returns, ``MAX_TASKS_PER_READ`` ids a request."""
         wanted = list(dict.fromkeys(int(task_id) for task_id in task_ids))
         found: dict[int, Task] = {}
         for start in range(0, len(wanted), MAX_TASKS_PER_READ):
             chunk = wanted[start : start + MAX_TASKS_PER_READ]
-            tasks, _ = await self.task_page(
-                project_id,
-                page_size=len(chunk),
-                fields_all=True,
-                query={"selectedItems": {"all": False, "included": chunk}},
-            )
+            tasks, _ = await self.task_page(project_id, page_size=len(chunk), **page(chunk))
             for task in tasks or []:
                 if task.id in chunk:
                     found[task.id] = task
@@ -372,14 +409,21 @@ class LabelStudioClient:
         )
         return _req_int(_object(_json(response), "prediction"), "id")
 
-    async def import_predictions(self, project_id: int, items: Sequence[PredictionIn]) -> int:
-        """Bulk-create predictions; return how many Label Studio created.
+    async def import_predictions(
+        self, project_id: int, items: Sequence[PredictionIn], *, retry: bool = True
+    ) -> int:
+        """Bulk-create predictions; return how many Label Studio created. ``retry=False``: one
+        try only (see ``create_prediction``).
 
-        Label Studio 1.23.2 silently drops predictions that do not fit the label config, so the
-        count can be smaller than ``len(items)``: callers must compare. One task outside the
-        project fails the whole request (LabelStudioError, 400). Each call recounts the
-        annotations and predictions of every task of the project (~0.5 ms of its CPU per
-        predicted task): fine for a batch command, not for a stream of small batches.
+        Without ``constants.BULK_PREDICTIONS_FLAG`` on Label Studio (1.23.2), each call
+        recounts the annotations and predictions of every task of the project (~0.5 ms of its
+        CPU per task: 3.1 s at 6000), and predictions that do not fit the label config are
+        silently dropped, so the count can be smaller than ``len(items)``: callers must
+        compare. With it, ids are checked and stored in batches of its
+        ``PREDICTION_IMPORT_BATCH_SIZE`` (500), only the tasks sent are recounted, nothing is
+        checked against the label config, and a bad id fails the call after the batches before
+        it were stored. Either way one task outside the project fails the call
+        (LabelStudioError, 400).
         """
         if not items:
             return 0
@@ -387,8 +431,30 @@ class LabelStudioClient:
             "POST",
             self._url(f"/api/projects/{int(project_id)}/import/predictions"),
             json_body=[item.to_json() for item in items],
+            retries=None if retry else 0,
         )
         return _req_int(_object(_json(response), "import"), "created")
+
+    async def bulk_is_cheap(self, project_id: int) -> bool:
+        """Whether Label Studio's ``import/predictions`` runs its batched path
+        (``constants.BULK_PREDICTIONS_FLAG`` set) for this project.
+
+        Asked with one prediction for task 0, which no project holds: both paths refuse it
+        with a 400 and store nothing, the batched one saying ``task ID 0 not found in
+        project``, the legacy one otherwise (checked against 1.23.2 in the tests)."""
+        url = self._url(f"/api/projects/{int(project_id)}/import/predictions")
+        response = await self._sender.send(
+            "POST",
+            url,
+            json_body=[{"task": 0, "result": [], "model_version": "ls-autoseg-probe"}],
+            allow=frozenset({400}),
+        )
+        if response.status_code != 400:
+            raise LabelStudioError(
+                f"POST {url}: a prediction for task 0 answered {response.status_code}, not 400",
+                status_code=response.status_code,
+            )
+        return _BATCHED_IMPORT_REFUSAL in response.text
 
     async def delete_prediction(self, prediction_id: int) -> None:
         await self._sender.send("DELETE", self._url(f"/api/predictions/{int(prediction_id)}/"))

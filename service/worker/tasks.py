@@ -3,9 +3,12 @@
 The webhook body is never trusted for URLs: every job's task is read again before its image is
 fetched, and once more just before its prediction is posted. Label Studio's own CPU is the
 bottleneck of this service (it answers from one process): per task, ``GET /api/tasks/{id}/``
-costs it ~60 ms, a list read of a group 3-8 ms, so tasks are read in groups; a task missing
-from a list read is read on its own (404 grace, another project), and a list read that fails
-while Label Studio answers falls back to single reads, so one bad task fails alone.
+costs it ~60 ms, a full list read of a group ~6 ms, a lean filtered one ~2 ms. So a group is
+read lean, filtered to the tasks that still need work (``queries.untouched_query``); the
+tasks missing from that answer (annotated, predicted, or only a version containing ours) are
+read again in full and checked exactly; a task missing from both is read on its own (404
+grace, another project); a list read that fails while Label Studio answers falls back to the
+next, down to single reads, so one bad task fails alone.
 """
 
 from __future__ import annotations
@@ -38,26 +41,37 @@ class TaskReader:
     async def read(self, project: int, jobs: list[Job]) -> list[tuple[Job, Task | BaseException]]:
         """Each job's task, re-read from Label Studio and checked (see ``checked``), or why not.
 
-        One list request for the group; a task missing from its answer, or every task when the
-        request fails while Label Studio itself answers, is read on its own, so one bad task
-        fails alone. When Label Studio as a whole is unusable every job gets that error.
+        One lean filtered list request for the group; the tasks missing from its answer in one
+        full list request; a task missing from both, or every task when the requests fail
+        while Label Studio itself answers, is read on its own, so one bad task fails alone.
+        When Label Studio as a whole is unusable every job gets that error.
         """
-        found: dict[int, Task] | None = None
-        try:
-            found = await self.client.get_tasks(project, [job.task for job in jobs])
-        except AutosegError as exc:
-            if await self.outage.explains(exc):
-                return [(job, exc) for job in jobs]
-            log.warning(
-                "project %s: group read of %d tasks failed, reading one by one: %s",
-                project,
-                len(jobs),
-                exc,
-            )
+        found: dict[int, Task] = {}
+        for full in (False, True):
+            missing = [job.task for job in jobs if job.task not in found]
+            if not missing:
+                break
+            try:
+                if full:
+                    found.update(await self.client.get_tasks(project, missing))
+                else:
+                    found.update(
+                        await self.client.untouched_tasks(project, missing, self.model_version)
+                    )
+            except AutosegError as exc:
+                if await self.outage.explains(exc):
+                    return [(job, exc) for job in jobs]
+                log.warning(
+                    "project %s: %s group read of %d tasks failed: %s",
+                    project,
+                    "full" if full else "lean",
+                    len(missing),
+                    exc,
+                )
         outcomes: list[tuple[Job, Task | BaseException]] = []
         for job in jobs:
             try:
-                task = found.get(job.task) if found is not None else None
+                task = found.get(job.task)
                 if task is None:
                     task = await self._one(job)
                 outcomes.append((job, self.checked(job, task)))
