@@ -60,6 +60,7 @@ import asyncio
 import io
 import os
 import platform
+import re
 import secrets
 import shutil
 import statistics
@@ -82,6 +83,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from ls_requests import KINDS, Requests, log_size, replay_all, requests_since  # noqa: E402
 from machine import cpu_model, service_config  # noqa: E402
 
 from service.config import Config, PredictionConfig, ReconcileConfig, load_config  # noqa: E402
@@ -96,7 +98,10 @@ from service.model.images import decode_image  # noqa: E402
 from service.queue import JobQueue, open_queue  # noqa: E402
 from service.results import BrushTarget, build_prediction, resolve_target  # noqa: E402
 
-TARGET = 0.85
+TARGET = 0.5  # service/bare with the demo model (issue 13)
+TARGET_HEAVY = 0.85  # with a model of >= 100 ms an image (--model)
+LS_TARGET_MS = {"disk": 20.0, "http": 35.0}  # Label Studio CPU a task caused by the service
+SERVICE_TARGET_MS = 8.0  # the service's CPU a task outside predict_each
 # Above these, a run was disturbed by other load and its ratio says little.
 NOISE_SHARE = 0.10
 NOISE_SPREAD = 1.25
@@ -311,6 +316,25 @@ class ServiceRun:
     machine_busy_s: float
     machine_total_s: float
     metrics: dict[str, float]
+    requests: Requests
+    samples: list[tuple[float, CpuSnapshot]]  # (epoch, CPU) every poll
+    results: list[list[dict[str, Any]]]  # some stored prediction results, to replay
+    inference: list[tuple[float, float]]  # (epoch, the service's predict_each seconds so far)
+
+    def model_busy(self) -> float:
+        """Share of the first-to-last-prediction time the service spent in predict_each."""
+
+        def at(moment: float) -> float:
+            return min(self.inference, key=lambda s: abs(s[0] - moment))[1]
+
+        span = self.last_prediction - self.first_prediction
+        return (at(self.last_prediction) - at(self.first_prediction)) / span if span > 0 else 0.0
+
+    def window(self) -> tuple[CpuSnapshot, CpuSnapshot, float]:
+        """CPU snapshots nearest the first and the last prediction, and the seconds between."""
+        first = min(self.samples, key=lambda s: abs(s[0] - self.first_prediction))
+        last = min(self.samples, key=lambda s: abs(s[0] - self.last_prediction))
+        return first[1], last[1], max(1e-9, last[0] - first[0])
 
     @property
     def seconds(self) -> float:
@@ -357,18 +381,28 @@ async def run_service(
         "Label Studio": ls.process.pid,
         "this process": os.getpgid(0),
     }
+    offset = log_size(ls.log_path)
     before = CpuSnapshot.take(groups)
     started = time.time()
-    await client.upload_files(project, files)
-    import_s = time.time() - started
-    deadline = time.monotonic() + timeout_s
-    journal = Journal.read(queue)
-    while journal.finished < len(files) and time.monotonic() < deadline:
-        if service.process.poll() is not None:
-            raise RuntimeError(f"service exited during the run:\n{service.tail()}")
-        await asyncio.sleep(POLL_S)
+    samples = [(started, before)]
+    inference = [(started, 0.0)]
+    sampling = asyncio.create_task(_sample(groups, samples))
+    try:
+        await client.upload_files(project, files)
+        import_s = time.time() - started
+        deadline = time.monotonic() + timeout_s
         journal = Journal.read(queue)
+        while journal.finished < len(files) and time.monotonic() < deadline:
+            if service.process.poll() is not None:
+                raise RuntimeError(f"service exited during the run:\n{service.tail()}")
+            await asyncio.sleep(POLL_S)
+            journal = Journal.read(queue)
+            inference.append((time.time(), await _inference_s(service.url)))
+    finally:
+        sampling.cancel()
     after = CpuSnapshot.take(groups)
+    samples.append((time.time(), after))
+    requests = requests_since(ls.log_path, offset)
     metrics = service_metrics(service.url)
 
     problems: list[str] = []
@@ -389,6 +423,11 @@ async def run_service(
             problems.append(f"task {task.id}: {len(predictions)} prediction(s)")
     if len(tasks) != len(files):
         problems.append(f"{len(tasks)} tasks for {len(files)} images")
+    results = [
+        [dict(r) for r in task.predictions[0].result]
+        for task in tasks[:20]
+        if task.predictions and task.predictions[0].result
+    ]
     times = await prediction_times(ls.url, ls.legacy_token, project)
     if not times:
         raise RuntimeError(f"no prediction arrived; service log:\n{service.tail()}")
@@ -407,7 +446,27 @@ async def run_service(
         machine_busy_s=after.machine_busy - before.machine_busy,
         machine_total_s=after.machine_total - before.machine_total,
         metrics=metrics,
+        requests=requests,
+        samples=samples,
+        results=results,
+        inference=inference,
     )
+
+
+async def _inference_s(url: str) -> float:
+    """The service's ``predict_each`` seconds so far (its metric)."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        text = (await http.get(f"{url}/metrics")).text
+    match = re.search(r"^ls_autoseg_inference_seconds_sum (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+async def _sample(groups: dict[str, int], into: list[tuple[float, CpuSnapshot]]) -> None:
+    """CPU snapshots every 0.1 s (in a thread: /proc reads block), until cancelled."""
+    while True:
+        await asyncio.sleep(0.1)
+        snapshot = await asyncio.to_thread(CpuSnapshot.take, groups)
+        into.append((time.time(), snapshot))
 
 
 # ------------------------------------------------------------------------------ main
@@ -569,6 +628,7 @@ def _measure(
         [decode_image(d, max_pixels=prediction.max_pixels) for d in jpegs[:batch]], prediction
     )
     encode_ms = encode_ms_per_image(model, prediction, jpegs[:batch], target)
+    model_cpu_ms = model_cpu_ms_per_image(model, prediction, jpegs[: 2 * batch], batch)
     # Our process groups: this one and Label Studio's (idle during the bare runs).
     ours = {"this process": os.getpgid(0), "Label Studio": ls.process.pid}
     bare: list[BareRun] = []
@@ -605,6 +665,8 @@ def _measure(
     if code not in (0, None):
         print(f"warning: the service exited with {code}:\n{service.tail()}")
     _print_service(result, batch)
+    print("replaying each kind of request against the idle Label Studio ...", flush=True)
+    split_ok = _print_split(ls, result, files, base, args.reads, model_cpu_ms)
 
     for _ in range(args.bare_runs):
         bare.append(bare_run(model, prediction, jpegs, ours))
@@ -616,7 +678,8 @@ def _measure(
     )
     bare_rate = statistics.median(r.rate for r in bare)
     ratio = result.rate / bare_rate
-    ok = not result.problems and ratio >= TARGET
+    target_ratio = TARGET if args.model is None else TARGET_HEAVY
+    ok = not result.problems and ratio >= target_ratio and split_ok
     for problem in result.problems:
         print(f"PROBLEM: {problem}")
     rates = [r.rate for r in bare]
@@ -636,10 +699,102 @@ def _measure(
         f"{args.bare_runs} before the service, {args.bare_runs} after)"
     )
     print(f"service: {result.rate:.2f} images/s ({result.tasks} images in {result.seconds:.2f} s)")
-    print(f"target: service/bare >= {TARGET}")
+    print(f"target: service/bare >= {target_ratio}")
     verdict = "PASS" if ok else ("FAIL" if not result.problems else "FAIL (see PROBLEM)")
     print(f"ratio service/bare: {ratio:.3f} ({verdict})")
     return 0 if ok else 1
+
+
+def model_cpu_ms_per_image(
+    model: Segmenter, prediction: PredictionConfig, jpegs: Sequence[bytes], batch: int
+) -> float:
+    """This process's CPU in ``predict_each`` per image, images decoded beforehand (so no
+    other thread of ours runs meanwhile): what the service spends inside the model."""
+    images = [decode_image(d, max_pixels=prediction.max_pixels) for d in jpegs]
+    began = time.process_time()
+    for start in range(0, len(images), batch):
+        model.predict_each(images[start : start + batch], prediction)
+    return 1000 * (time.process_time() - began) / max(1, len(images))
+
+
+def _print_split(
+    ls: lsserver.LocalLabelStudio,
+    run: ServiceRun,
+    files: list[tuple[str, bytes]],
+    base: Config,
+    reads: str,
+    model_cpu_ms: float,
+) -> bool:
+    """Label Studio's CPU by kind of request, the service's outside the model, and the
+    utilisations; True when the CPU targets are met."""
+
+    def upload(project: int) -> None:
+        async def go() -> None:
+            async with LabelStudioClient(ls.url, ls.legacy_token, timeout_s=300) as client:
+                await client.upload_files(project, files[:100])
+
+        asyncio.run(go())
+
+    with httpx.Client(
+        base_url=ls.url, headers={"Authorization": f"Token {ls.legacy_token}"}, timeout=300
+    ) as http:
+        replay = replay_all(
+            http,
+            ls.process.pid,
+            run.requests,
+            project_config=label_config(base.model.output_labels),
+            results=run.results,
+            model_version=base.prediction.model_version,
+            upload=upload,
+            tasks=run.tasks,
+        )
+    split = replay.split(run.requests)
+    ls_cpu = run.cpu["Label Studio"]
+    tasks = max(1, run.tasks)
+    print(
+        f"Label Studio: {ls_cpu:.2f} CPU-s from the import call to the end; by kind of request "
+        "(count x its CPU a request, replayed one at a time afterwards):"
+    )
+    for kind in KINDS:
+        count = run.requests.counts[kind]
+        if not count:
+            continue
+        cost = replay.cost_ms.get(kind)
+        if cost is None:
+            print(f"  {kind}: {count} requests (not replayed)")
+            continue
+        print(
+            f"  {kind}: {count} x {cost:.1f} ms = {split[kind]:.2f} s "
+            f"({1000 * split[kind] / tasks:.1f} ms a task)"
+        )
+    explained = sum(split.values())
+    print(f"  explained {explained:.2f} s of {ls_cpu:.2f} s; the rest {ls_cpu - explained:.2f} s")
+    imports = split.get(KINDS[0], 0.0)
+    caused = (ls_cpu - imports) / tasks * 1000
+    ls_target = LS_TARGET_MS[reads]
+    print(
+        f"Label Studio CPU a task caused by the service (all but the import): {caused:.1f} ms "
+        f"(target <= {ls_target:.0f} ms with --reads {reads})"
+    )
+    service_cpu = run.cpu["service"]
+    outside = (service_cpu - model_cpu_ms * run.tasks / 1000) / tasks * 1000
+    print(
+        f"service CPU a task outside predict_each: {outside:.1f} ms ({service_cpu:.2f} CPU-s in "
+        f"all, less {model_cpu_ms:.1f} ms an image inside predict_each as measured here; "
+        f"target <= {SERVICE_TARGET_MS:.0f} ms)"
+    )
+    first, last, span = run.window()
+    cpus = max(1, len(os.sched_getaffinity(0)))
+    ls_busy = (last.groups["Label Studio"] - first.groups["Label Studio"]) / span
+    idle = 1 - (last.machine_busy - first.machine_busy) / max(
+        1e-9, last.machine_total - first.machine_total
+    )
+    print(
+        f"from the first prediction to the last ({span:.2f} s): the model (predict_each) busy "
+        f"{run.model_busy():.0%} of the time, Label Studio {ls_busy:.0%} of one core, the "
+        f"machine idle {idle:.0%} of its {cpus} CPUs"
+    )
+    return caused <= ls_target and outside <= SERVICE_TARGET_MS
 
 
 def _print_bare(index: int, run: BareRun) -> None:

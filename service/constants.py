@@ -31,6 +31,18 @@ TokenType = Literal["auto", "pat", "legacy"]
 """How the Label Studio token is sent: detected, Personal Access Token, or legacy key."""
 TOKEN_TYPES: Final[tuple[TokenType, ...]] = get_args(TokenType)
 
+BulkMode = Literal["auto", "on", "off"]
+"""``label_studio.bulk_predictions``: store predictions in bulk when Label Studio does it
+cheaply (``auto``), always, or never (one ``POST /api/predictions/`` each)."""
+
+BULK_PREDICTIONS_FLAG: Final = (
+    "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
+)
+"""The environment variable (a feature flag of Label Studio 1.23) that makes its bulk
+``import/predictions`` check ids in batches and recount only the tasks it was sent, instead of
+every task of the project on each call. The local Label Studio (tests, quickstart, benchmarks)
+and the compose files set it to ``true``."""
+
 HTTP_SCHEMES: Final = ("http://", "https://")
 """What a Label Studio URL must start with (compared case-insensitively)."""
 

@@ -168,7 +168,11 @@ class Service:
                 client,
                 model,
                 targets,
-                WorkerSettings(prediction=config.prediction, worker=config.worker),
+                WorkerSettings(
+                    prediction=config.prediction,
+                    worker=config.worker,
+                    bulk_predictions=config.label_studio.bulk_predictions,
+                ),
                 metrics=metrics,
             )
         reconciler = Reconciler(

@@ -78,11 +78,24 @@ def test_missing_env_inside_a_longer_string_fails_at_load(tmp_path: Path) -> Non
         ("projects: [{id: 1}, {id: 1}]\n", "same id twice"),
         ("projects: [{id: x}]\n", "must be an integer"),
         ("label_studio: {url: localhost:8080}\n", "must start with http"),
+        ("label_studio: {bulk_predictions: always}\n", "bulk_predictions must be one of"),
+        ("label_studio: {bulk_predictions: 2}\n", "bulk_predictions must be one of"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path: Path, extra: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, MINIMAL + extra), environ={})
+
+
+@pytest.mark.parametrize(
+    ("written", "mode"), [("on", "on"), ("off", "off"), ("'off'", "off"), ("auto", "auto")]
+)
+def test_bulk_predictions_reads_bare_yaml_on_and_off(
+    tmp_path: Path, written: str, mode: str
+) -> None:
+    """YAML 1.1 reads a bare on/off as a boolean: the setting takes it as meant."""
+    text = MINIMAL + f"label_studio: {{bulk_predictions: {written}}}\n"
+    assert load_config(write(tmp_path, text), environ={}).label_studio.bulk_predictions == mode
 
 
 @pytest.mark.parametrize(
@@ -254,6 +267,7 @@ def every_field_set(tmp_path: Path) -> dict[str, Any]:
             allowed_image_hosts=("images.internal", "10.0.0.0/8"),
             media_root=tmp_path / "ls-data" / "media",
             local_files_root=tmp_path / "ls-files",
+            bulk_predictions="off",
         ),
         "projects": (
             ProjectConfig(id=7, from_name="tag", to_name="image", label_map={"a": "A"}),

@@ -46,7 +46,9 @@ from service.local import lsserver
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 
-POSTS = r"^/api/predictions/?$"
+# Predictions posted: one (POST /api/predictions/) or in bulk (the session's Label Studio runs
+# the cheap bulk import, so the service's default, auto, posts groups in one request).
+POSTS = r"^/api/(predictions/?|projects/\d+/import/predictions)$"
 READS = r"^/api/tasks/(\d+/?)?$"  # a group of tasks (list), or one task
 
 
@@ -154,7 +156,8 @@ def test_label_studio_down_for_30_s_mid_run(
 def test_error_answers_and_slow_answers(
     start_env: StartEnv, proxy: FaultProxy, ls_client: MakeClient
 ) -> None:
-    env = start_env(label_studio={"timeout_s": 5})
+    # bulk on: no question first (auto's, itself a POST the rules below would take)
+    env = start_env(label_studio={"timeout_s": 5, "bulk_predictions": "on"})
     service = env.service
     proxy.rule("GET", READS, "status", 503, count=9)  # more than one job's tries
     proxy.rule("GET", r"^/data/upload/", "delay", 2.0, count=4)  # slow, inside the timeout
@@ -166,7 +169,8 @@ def test_error_answers_and_slow_answers(
     until(lambda: drained(env), 60, "the queue to drain")
     assert_correct(tasks, pictures, set())
     text = assert_all_settled(env, 12)
-    assert proxy.count("POST", POSTS) >= 12 + 2  # the injected failures were really hit
+    # the injected failures were really hit: 4 posts answered badly, then at least one good
+    assert proxy.count("POST", POSTS) >= 4 + 1
     counts, _ = service.status()
     assert counts["skipped"] >= 1, text  # a late-answered POST found on the re-check
     assert service.alive()
@@ -346,7 +350,7 @@ def test_sigkill_during_inference_or_posting_then_restart(
     model = colour_model(channels=2)
     if moment == "inference":
         model = slow_model(tmp_path, model, seconds=3.0)
-    env = start_env(model)
+    env = start_env(model, label_studio={"bulk_predictions": "on"})  # held: a post, no question
     service = env.service
     if moment == "posting":
         # Forwarded to Label Studio (so they land) but never answered before the kill.
@@ -357,11 +361,11 @@ def test_sigkill_during_inference_or_posting_then_restart(
         time.sleep(1.0)  # the first batch is in the model (3 s a batch)
         assert proxy.count("POST", POSTS) == 0
     else:
-        until(lambda: proxy.held >= 2, 60, "two held POSTs")
-        time.sleep(1.0)  # Label Studio has stored them
+        until(lambda: proxy.held >= 1, 60, "a held POST")
+        time.sleep(1.0)  # Label Studio has stored what it carried
     service.stop(signal.SIGKILL)
     landed = sum(1 for t in tasks_of(ls_client, env.project) if t.total_predictions)
-    assert (landed == 0) if moment == "inference" else (landed >= 2)
+    assert (landed == 0) if moment == "inference" else (landed >= 1)
     proxy.clear()
     proxy.release()
 

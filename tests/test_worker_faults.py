@@ -54,8 +54,14 @@ def make_worker(
     **settings: Any,
 ) -> Worker:
     """A worker on the fake project; ``settings`` are WorkerSettings' (prediction,
-    outage_limit_s) and WorkerConfig's fields."""
-    outer = {k: settings.pop(k) for k in ("prediction", "outage_limit_s") if k in settings}
+    outage_limit_s, bulk_predictions: "off" unless given, so that faults of single posts are
+    what these tests inject) and WorkerConfig's fields."""
+    settings.setdefault("bulk_predictions", "off")
+    outer = {
+        k: settings.pop(k)
+        for k in ("prediction", "outage_limit_s", "bulk_predictions")
+        if k in settings
+    }
     worker = WorkerConfig(**settings)
     return Worker(
         queue,
@@ -86,6 +92,8 @@ class FakeLabelStudio:
     revoked: bool = False
     broken: set[int] = field(default_factory=set)  # reading these tasks answers 500
     down_after: int | None = None  # go down once this many predictions are stored
+    bulk_cheap: bool = True  # import/predictions runs its batched path (the flag on)
+    import_batch: int = 500  # its PREDICTION_IMPORT_BATCH_SIZE
     # (method, path regex) -> answers to give first: an int status, "timeout", "timeout-after"
     # (apply the request, then time out) or "refused"
     faults: dict[tuple[str, str], list[object]] = field(default_factory=dict)
@@ -141,12 +149,18 @@ class FakeLabelStudio:
             return httpx.Response(200, json=self.task_json(task_id))
         if path == "/api/tasks/" and request.method == "GET":
             assert request.url.params["project"] == str(PROJECT)
-            assert request.url.params["fields"] == "all"
             query = json.loads(request.url.params["query"])
-            wanted = query["selectedItems"]["included"]
+            wanted = query.get("selectedItems", {}).get("included") or self.tasks
             if self.broken & set(wanted):
                 return httpx.Response(500, json={"detail": "injected"})
-            tasks = [self.task_json(t) for t in sorted(wanted) if t in self.tasks]
+            listed = [t for t in sorted(wanted) if t in self.tasks]
+            if "include" in request.url.params:  # lean: filtered, no lists (as 1.23.2 does)
+                assert "fields" not in request.url.params
+                listed = [t for t in listed if self.untouched(t, query["filters"]["items"])]
+                tasks = [self.lean_json(t, request.url.params["include"]) for t in listed]
+            else:
+                assert request.url.params["fields"] == "all"
+                tasks = [self.task_json(t) for t in listed]
             return httpx.Response(200, json={"total": len(tasks), "tasks": tasks})
         if path.startswith(f"/data/upload/{PROJECT}/"):
             data, _ = red_block(int(path.rsplit("/", 1)[1].split(".")[0]))
@@ -155,7 +169,50 @@ class FakeLabelStudio:
             body = json.loads(request.content)
             self.store(body)
             return httpx.Response(201, json=self.predictions[body["task"]][-1])
+        if path == f"/api/projects/{PROJECT}/import/predictions" and request.method == "POST":
+            # As 1.23.2 does: with the flag, ids checked and stored a batch at a time (a bad id
+            # fails the call after the batches before it were stored); without it, all checked
+            # first. It answers no ids.
+            items = json.loads(request.content)
+            size = self.import_batch if self.bulk_cheap else len(items)
+            created = 0
+            for start in range(0, len(items), size):
+                batch = items[start : start + size]
+                unknown = [item["task"] for item in batch if item["task"] not in self.tasks]
+                if unknown:
+                    detail = f'"task" field: task ID {unknown[0]} not found in project'
+                    if not self.bulk_cheap:
+                        detail = "corresponding task ID couldn't be retrieved"
+                    return httpx.Response(400, json={"validation_errors": [detail]})
+                for item in batch:
+                    self.store({**item, "project": PROJECT, "bulk": True})
+                    created += 1
+            return httpx.Response(201, json={"created": created})
         return httpx.Response(404, json={"detail": f"no route {path}"})
+
+    def lean_json(self, task_id: int, include: str) -> dict[str, Any]:
+        full = self.task_json(task_id)
+        return {key: full[key] for key in include.split(",")}
+
+    def untouched(self, task_id: int, filters: list[dict[str, Any]]) -> bool:
+        """Label Studio's filters: counters equal 0, versions compared as substrings."""
+        task = self.task_json(task_id)
+        for item in filters:
+            column = item["filter"].removeprefix("filter:tasks:")
+            if column == "id":
+                assert item["operator"] == "greater"
+                if not task_id > item["value"]:
+                    return False
+            elif column == "predictions_model_versions":
+                assert item["operator"] == "not_contains"
+                versions = [p.get("model_version", "") for p in task["predictions"]]
+                if any(v in version for v in item["value"] for version in versions):
+                    return False
+            else:
+                assert item["operator"] == "equal"
+                if task[column] != item["value"]:
+                    return False
+        return True
 
     def store(self, body: dict[str, Any]) -> None:
         stored = {**body, "id": 1000 + sum(map(len, self.predictions.values()))}
@@ -311,9 +368,10 @@ def test_503s_and_timeouts_are_retried_with_attempts_counted(
 ) -> None:
     fake = FakeLabelStudio(tasks=list(range(1, 9)))
     fake.faults = {
-        # The group read fails (twice: through the client's one retry); Label Studio answers
-        # verify, so the tasks are read one by one, and task 3's read fails too.
-        ("GET", r"^/api/tasks/$"): [503, 503],
+        # The lean and then the full group read fail (twice each: through the client's one
+        # retry); Label Studio answers verify, so the tasks are read one by one, and task
+        # 3's read fails too.
+        ("GET", r"^/api/tasks/$"): [503, 503, 503, 503],
         ("GET", r"^/api/tasks/3/$"): [503, 503],
         ("GET", r"^/data/upload/7/5\.png$"): ["timeout", "timeout"],
         ("POST", r"^/api/predictions/$"): [500],  # one-try POST: the job retries

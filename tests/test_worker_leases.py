@@ -188,32 +188,46 @@ def test_jobs_taken_over_before_the_post_are_never_posted(
     assert mine.counts()[JobState.DONE] == 3
 
 
+POST_PATHS = {"off": "/api/predictions/", "on": f"/api/projects/{PROJECT}/import/predictions"}
+
+
+def posts_prediction(request: httpx.Request, mode: str) -> bool:
+    """A post of predictions: one (``off``) or in bulk (``on``)."""
+    return request.method == "POST" and request.url.path == POST_PATHS[mode]
+
+
+def store_as_another_worker(fake: StealingLabelStudio, request: httpx.Request) -> None:
+    """What the request carries, stored as another worker's post (ahead of it)."""
+    body = json.loads(request.content)
+    for item in body if isinstance(body, list) else [body]:
+        fake.store({**item, "project": PROJECT})
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
 def test_a_post_that_lands_after_the_new_holders_is_undone(
-    queues: tuple[PostgresJobQueue, PostgresJobQueue], clock: FakeClock, run: Run
+    queues: tuple[PostgresJobQueue, PostgresJobQueue], clock: FakeClock, run: Run, mode: str
 ) -> None:
     taken: list[int] = []
-    fake = StealingLabelStudio(
-        tasks=[4],
-        when=lambda r: r.method == "POST" and r.url.path == "/api/predictions/",
-    )
+    fake = StealingLabelStudio(tasks=[4], when=lambda r: posts_prediction(r, mode))
     steal = take_over(queues, clock, taken)
 
     def steal_and_post(request: httpx.Request) -> None:
         # The worker froze with its POST on the way; the new holder took the job and posted
         # first, so ours lands second.
         steal(request)
-        fake.store(json.loads(request.content))
+        store_as_another_worker(fake, request)
 
     fake.steal = steal_and_post
-    metrics = run(fake)
+    metrics = run(fake, bulk_predictions=mode)
     assert taken and metrics.lost == 1
     assert len(fake.deleted) == 1
     assert [p["id"] for p in fake.predictions[4]] != fake.deleted
     assert_one_correct_prediction_each(fake, [4])
 
 
+@pytest.mark.parametrize("mode", ["off", "on"])
 def test_a_retried_jobs_post_that_lands_after_another_workers_is_undone(
-    queues: tuple[PostgresJobQueue, PostgresJobQueue], run: Run
+    queues: tuple[PostgresJobQueue, PostgresJobQueue], run: Run, mode: str
 ) -> None:
     """The other side of the race: the job was tried before (its last worker may have been
     lost with a post in flight), and that post lands just before ours: ours goes, although
@@ -221,30 +235,28 @@ def test_a_retried_jobs_post_that_lands_after_another_workers_is_undone(
     posts = []
 
     def second_post(request: httpx.Request) -> bool:
-        if request.method == "POST" and request.url.path == "/api/predictions/":
+        if posts_prediction(request, mode):
             posts.append(request)
         return len(posts) == 2
 
     fake = StealingLabelStudio(tasks=[6], when=second_post)
-    fake.faults[("POST", "/api/predictions/")] = [503]  # the first attempt fails: a retry
-    fake.steal = lambda request: fake.store(json.loads(request.content))
-    run(fake, retry_base_s=0)  # due again at once (the queue's clock does not move here)
+    fake.faults[("POST", POST_PATHS[mode])] = [503]  # the first attempt fails: a retry
+    fake.steal = lambda request: store_as_another_worker(fake, request)
+    # due again at once (the queue's clock does not move here)
+    run(fake, retry_base_s=0, bulk_predictions=mode)
     assert len(fake.deleted) == 1
     assert [p["id"] for p in fake.predictions[6]] == [min(fake.deleted) - 1]
     assert_one_correct_prediction_each(fake, [6])
 
 
+@pytest.mark.parametrize("mode", ["off", "on"])
 def test_a_post_that_lands_during_a_takeover_stays_when_it_is_the_only_one(
-    queues: tuple[PostgresJobQueue, PostgresJobQueue], clock: FakeClock, run: Run
+    queues: tuple[PostgresJobQueue, PostgresJobQueue], clock: FakeClock, run: Run, mode: str
 ) -> None:
     taken: list[int] = []
-    fake = StealingLabelStudio(
-        tasks=[5],
-        when=lambda r: r.method == "POST" and r.url.path == "/api/predictions/",
-        after=True,
-    )
+    fake = StealingLabelStudio(tasks=[5], when=lambda r: posts_prediction(r, mode), after=True)
     fake.steal = take_over(queues, clock, taken)
-    metrics = run(fake)
+    metrics = run(fake, bulk_predictions=mode)
     assert taken and metrics.lost == 1
     assert fake.deleted == []  # the new holder's re-check finds it and skips
     assert_one_correct_prediction_each(fake, [5])

@@ -63,7 +63,10 @@ async def backfill(config: Config, project: int | None, out: TextIO) -> dict[Job
                 print(f"project {project_id}: {new} task(s) queued", file=out)
             total = queue.pending()
             settings = WorkerSettings(
-                config.prediction, config.worker, outage_limit_s=BACKFILL_OUTAGE_LIMIT_S
+                config.prediction,
+                config.worker,
+                outage_limit_s=BACKFILL_OUTAGE_LIMIT_S,
+                bulk_predictions=config.label_studio.bulk_predictions,
             )
             worker = Worker(queue, client, model, targets, settings)
             with tqdm(total=total, unit="task", desc="backfill", disable=None) as bar:

@@ -160,6 +160,8 @@ class Section(Generic[T]):
 
     def choice(self, key: str, choices: tuple[str, ...]) -> str:
         value = self.get(key)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in choices:
             raise self.error(key, f"must be one of {list(choices)}, not {value!r}")
         return str(value)

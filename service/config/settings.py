@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from service.constants import HTTP_SCHEMES, TokenType
+from service.constants import HTTP_SCHEMES, BulkMode, TokenType
 from service.errors import ConfigError
 
 Activation = Literal["sigmoid", "softmax"]
@@ -86,6 +86,11 @@ class LabelStudioConfig:
     # outside them is refused.
     media_root: Path | None = None
     local_files_root: Path | None = None
+    # Predictions stored many per request (import/predictions) where Label Studio does that
+    # cheaply: it runs with the constants.BULK_PREDICTIONS_FLAG environment variable set. auto
+    # asks it once per project; on forces bulk (without the flag each call recounts the whole
+    # project); off posts one prediction a request.
+    bulk_predictions: BulkMode = "auto"
 
 
 def url_problem(url: str) -> str | None:

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.constants import BULK_PREDICTIONS_FLAG
 from service.errors import LabelStudioServerError
 from service.local.process import log_tail, wait_http
 
@@ -124,8 +125,13 @@ def start(
     legacy_token: str | None = None,
     timeout_s: float = 180.0,
     extra_env: Mapping[str, str] | None = None,
+    bulk_predictions_flag: bool = True,
 ) -> LocalLabelStudio:
-    """Start Label Studio on 127.0.0.1 and wait until it answers; the caller stops it."""
+    """Start Label Studio on 127.0.0.1 and wait until it answers; the caller stops it.
+
+    ``bulk_predictions_flag``: set ``constants.BULK_PREDICTIONS_FLAG`` (its cheap bulk
+    prediction import), as the quickstart and the compose files do; False runs its legacy
+    import, as a Label Studio started without it does."""
     python = python or ensure_installed()
     port = port or free_port()
     password = password or secrets.token_urlsafe(12)
@@ -146,6 +152,7 @@ def start(
         "COLLECT_ANALYTICS": "false",  # else every request builds and posts a payload
         "SENTRY_DSN": "",  # Sentry off
         "DJANGO_DB": "sqlite",
+        BULK_PREDICTIONS_FLAG: "true" if bulk_predictions_flag else "false",
     }
     env.update(settings)
     env.update(extra_env or {})

@@ -56,32 +56,42 @@ class Leases:
             return True
         return job.id in await asyncio.to_thread(self.queue.confirm, [job.id])
 
+    async def holding(self, jobs: list[Job]) -> set[int]:
+        """The ids of ``jobs`` this worker still holds (one question to the queue)."""
+        if not self.queue.shared:
+            return {job.id for job in jobs}
+        return set(await asyncio.to_thread(self.queue.confirm, [job.id for job in jobs]))
+
     def may_race(self, job: Job) -> bool:
         """Whether another worker may have posted for ``job`` too: on a shared queue, a job
         tried before (its last worker may have been lost with its post in flight)."""
         return self.queue.shared and job.attempts > 1
 
-    async def keep_first(self, job: Job, created: int) -> None:
-        """After our post ``created`` of a job that may have raced (a late post of ours, or a
-        job taken over from a lost worker): if the task holds an earlier prediction of this
-        model_version, delete ours. Every poster in a race applies the same rule after its
-        own post landed, and ids grow with time, so exactly the first one stays."""
+    async def keep_first(self, job: Job, created: int | None) -> None:
+        """After our post of a job that may have raced (a late post of ours, or a job taken
+        over from a lost worker): keep only the task's first prediction of this model_version.
+        ``created`` is our post's prediction id (a single POST): deleted if an earlier one is
+        there; None (a bulk post, which answers no ids): every one after the first is deleted.
+        Every poster in a race applies the same rule after its own post landed, and ids grow
+        with time, so exactly the first one stays."""
         try:
             task = await self.client.get_task(job.task)
-            earlier = [
-                p.id
-                for p in task.predictions or ()
-                if p.model_version == self.model_version and p.id < created
-            ]
-            if earlier:
-                await self.client.delete_prediction(created)
+            ours = sorted(
+                p.id for p in task.predictions or () if p.model_version == self.model_version
+            )
+            if created is not None:
+                later = [created] if ours and ours[0] < created else []
+            else:
+                later = ours[1:]
+            for prediction in later:
+                await self.client.delete_prediction(prediction)
+            if later:
                 log.warning(
-                    "job %s task %s: another worker's prediction %s was there first;"
-                    " deleted ours (%s)",
+                    "job %s task %s: prediction %s was there first; deleted %s",
                     job.id,
                     job.task,
-                    earlier[0],
-                    created,
+                    ours[0],
+                    later,
                 )
         except Exception:
             log.exception("job %s task %s: checking for a raced post failed", job.id, job.task)

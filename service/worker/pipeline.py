@@ -13,10 +13,9 @@ Three stages overlap so the model is never idle while there is work:
   ``batch_wait_s`` for a batch to fill, and run the model in a thread;
 - *post* (one group at a time): take whatever results wait (up to four model batches),
   encode their masks, re-read their tasks in one request (annotated meanwhile? posted by an
-  earlier attempt whose answer was lost?) and post each prediction, ``concurrency`` at once,
-  each tried once. Predictions are posted one per request (30-50 ms each): the bulk
-  ``import/predictions`` recounts every task of the project on each call, a cost that grows
-  without bound with the project (see ``_post``).
+  earlier attempt whose answer was lost?) and store the predictions (``posting.py``: in one
+  bulk request where Label Studio does that cheaply, else one request each, ``concurrency``
+  at once; each tried once).
 
 The bookkeeping lives beside this module: ``held.py`` counts the jobs held (claimed, not yet
 settled) and frees a slot once per job; ``settle.py`` is the one path by which a held job ends
@@ -41,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import LeaseLost, PermanentError, RetryableError
+from service.errors import PermanentError, RetryableError
 from service.labelstudio import PredictionIn, Task
 from service.labelstudio.client import LabelStudioClient
 from service.metrics import NoMetrics, WorkerMetrics
@@ -53,6 +52,7 @@ from service.worker.budget import PixelBudget
 from service.worker.held import Held
 from service.worker.leases import Leases
 from service.worker.outage import OutageWatch
+from service.worker.posting import Poster
 from service.worker.settings import WorkerSettings
 from service.worker.settle import Settler
 from service.worker.supervise import Supervisor
@@ -158,6 +158,13 @@ class Worker:
         self._batch: list[_Prepared] = []  # in the model right now
         self._supervisor = Supervisor()
         self._leases = Leases(queue, client, settings.prediction.model_version)
+        self._poster = Poster(
+            client,
+            self._leases,
+            self._tasks_read,
+            mode=settings.bulk_predictions,
+            concurrency=settings.worker.concurrency,
+        )
 
     @property
     def busy(self) -> int:
@@ -458,7 +465,9 @@ class Worker:
                         await settle(item.job, outcome, item.started)
                     else:
                         to_post.append((item, prediction))
-                outcomes = await self._post(project, to_post)
+                outcomes = await self._poster.post(
+                    project, [(item.job, prediction) for item, prediction in to_post]
+                )
             for (item, _), posted in zip(to_post, outcomes, strict=True):
                 await settle(item.job, posted, item.started)
         except BaseException as exc:
@@ -480,43 +489,6 @@ class Worker:
             target,
             score=self.settings.prediction.score,
             model_version=self.settings.prediction.model_version,
-        )
-
-    async def _post(
-        self, project: int, items: list[tuple[_Prepared, PredictionIn]]
-    ) -> list[BaseException | str]:
-        """Post checked predictions, one request each (``concurrency`` at once); one outcome
-        each: the done reason, or the error.
-
-        Not Label Studio's bulk ``import/predictions``: in 1.23.2 it recounts the annotations
-        and predictions of every task of the project on each call (measured: 16 predictions
-        took 340 ms of its CPU in a project of 200 predicted tasks, 3.1 s in one of 6000),
-        where one ``POST /api/predictions/`` stays at 30-50 ms whatever the project's size.
-        """
-        limit = asyncio.Semaphore(self.settings.worker.concurrency)
-
-        async def one(job: Job, prediction: PredictionIn) -> BaseException | str:
-            async with limit:
-                try:
-                    if not await self._leases.holds(job):
-                        return LeaseLost(f"job {job.id}: its lease ran out before the post")
-                    created = await self.client.create_prediction(
-                        prediction, retry=False, project=job.project
-                    )
-                except Exception as exc:  # the post, or the queue away: this job's outcome
-                    return exc
-                try:
-                    held = await self._leases.holds(job)
-                except Exception:
-                    held = False  # the queue away: whether another has the job, unknown
-                if not held or self._leases.may_race(job):
-                    await self._leases.keep_first(job, created)
-                if not held:
-                    return LeaseLost(f"job {job.id}: its lease ran out during the post")
-                return f"prediction {created}"
-
-        return list(
-            await asyncio.gather(*(one(item.job, prediction) for item, prediction in items))
         )
 
     def _target(self, job: Job) -> BrushTarget:
