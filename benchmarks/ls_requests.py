@@ -14,7 +14,7 @@ import json
 import os
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,13 +87,19 @@ def log_size(path: Path) -> int:
 
 
 def requests_since(path: Path, offset: int) -> Requests:
+    """The requests logged after ``offset``. Label Studio 1.23.2 writes each access line twice
+    (two handlers on one logger, another thread's line may come between): a line equal to
+    one of the few before it, to the millisecond, is the same request."""
     out = Requests()
+    recent: deque[str] = deque(maxlen=16)
     with path.open("rb") as log:
         log.seek(offset)
         for raw in log:
-            match = LINE.search(raw.decode("utf-8", "replace"))
-            if match:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            match = LINE.search(line)
+            if match and line not in recent:
                 out.add(match.group(1), match.group(2))
+            recent.append(line)
     return out
 
 

@@ -563,19 +563,19 @@ def test_a_full_worker_waits_for_a_free_slot_instead_of_polling_the_queue(
     assert len(fake.predictions) == 40
 
 
-def test_a_job_is_first_read_settle_s_after_it_was_queued(
+def test_a_job_is_posted_settle_s_after_it_was_queued_its_task_checked_then(
     tmp_path: Path, colour_model: Callable[..., ModelConfig]
 ) -> None:
-    """Label Studio sends TASKS_CREATED from inside the import: the worker lets it finish."""
+    """Label Studio sends TASKS_CREATED from inside the import: the worker reads and runs the
+    model at once, but checks the task again and posts only once the import had its time."""
     import time
 
     fake = FakeLabelStudio(tasks=[1, 2])
     model = SegmentationModel.load(colour_model(channels=1))
-    first_read: list[float] = []
+    seen: list[tuple[float, str]] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path.startswith("/api/tasks/") and not first_read:
-            first_read.append(time.time())
+        seen.append((time.time(), f"{request.method} {request.url.path}"))
         return fake.handler(request)
 
     async def main() -> float:
@@ -590,5 +590,43 @@ def test_a_job_is_first_read_settle_s_after_it_was_queued(
                 return queued_at
 
     queued_at = asyncio.run(main())
-    assert first_read and first_read[0] - queued_at >= 0.45
+    reads = [at - queued_at for at, what in seen if what == "GET /api/tasks/"]
+    posts = [at - queued_at for at, what in seen if what == "POST /api/predictions/"]
+    assert reads[0] < 0.4  # the first read at once
+    assert posts and min(posts) >= 0.45
+    assert any(0.45 <= at <= min(posts) for at in reads)  # checked again just before
     assert_one_correct_prediction_each(fake, fake.tasks)
+
+
+def test_a_task_not_visible_at_first_is_read_again_after_settle_s_spending_nothing(
+    tmp_path: Path, colour_model: Callable[..., ModelConfig]
+) -> None:
+    """The web UI's import: the webhook comes before the tasks are committed. No read of
+    each task on its own, no attempt spent: the group read again once settle_s passed."""
+    import time
+
+    fake = FakeLabelStudio(tasks=[1, 2, 3])
+    model = SegmentationModel.load(colour_model(channels=1))
+    visible_at: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hidden = [3] if time.time() < visible_at[0] else []
+        fake.tasks = [t for t in (1, 2, 3) if t not in hidden]
+        return fake.handler(request)
+
+    async def main() -> SQLiteJobQueue:
+        queue = SQLiteJobQueue(tmp_path / "jobs.sqlite3", max_attempts=4)
+        async with fake_client(handler) as client:
+            worker = make_worker(
+                queue, client, model, prediction=PredictionConfig(min_pixels=0), settle_s=0.5
+            )
+            visible_at.append(time.time() + 0.3)
+            queue.enqueue(PROJECT, [1, 2, 3], "v1")
+            await worker.run_until_idle()
+        return queue
+
+    queue = asyncio.run(main())
+    with queue:
+        assert [r for r in fake.requests if TASK_RE.match(r.split()[1])] == []
+        assert all(queue.get(PROJECT, t, "v1").attempts == 1 for t in (1, 2, 3))  # type: ignore[union-attr]
+    assert_one_correct_prediction_each(fake, [1, 2, 3])

@@ -153,8 +153,9 @@ class WorkerConfig:
 
     concurrency: int = 4  # Label Studio API requests at once (its file downloads: as many)
     # Label Studio sends TASKS_CREATED from inside the import request; a task read at once
-    # was seen (once, on a busy machine) without the annotation imported with it. A job is
-    # therefore first read this long after it was queued.
+    # was seen (once, on a busy machine) without the annotation imported with it. A job's
+    # prediction is therefore posted no sooner than this long after it was queued, its task
+    # checked again then; reading its image and the model start at once.
     settle_s: float = 2.0
     retry_base_s: float = 2.0  # first retry delay of a transient failure, doubled each time
     retry_max_s: float = 120.0

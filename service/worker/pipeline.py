@@ -4,7 +4,8 @@ Three stages overlap so the model is never idle while there is work:
 
 - *prepare*: the jobs claimed together (at least a model batch while others are in flight)
   are re-read from Label Studio in one list request per project (``service/worker/tasks.py``:
-  a task a person annotated or that holds a prediction of this model_version is skipped);
+  a task a person annotated or that holds a prediction of this model_version is skipped; one
+  not visible yet is read again once ``worker.settle_s`` has passed since its queueing);
   then each image is downloaded, within ``label_studio.download_timeout_s``, and decoded
   (downloads never wait for the slots of Label Studio's API calls: see ``__init__``) once
   its pixels, read from the header, fit ``worker.max_inflight_megapixels`` (``budget.py``;
@@ -12,8 +13,9 @@ Three stages overlap so the model is never idle while there is work:
 - *infer* (one at a time): batch the prepared images, up to ``model.batch_size``, waiting only
   ``batch_wait_s`` for a batch to fill, and run the model in a thread;
 - *post* (one group at a time): take whatever results wait (up to four model batches),
-  encode their masks, re-read their tasks in one request (annotated meanwhile? posted by an
-  earlier attempt whose answer was lost?) and store the predictions (``posting.py``: in one
+  encode their masks, re-read their tasks in one request, no sooner than ``settle_s`` after
+  their queueing (annotated meanwhile, or imported with an annotation? posted by an earlier
+  attempt whose answer was lost?) and store the predictions (``posting.py``: in one
   bulk request where Label Studio does that cheaply, else one request each, ``concurrency``
   at once; each tried once).
 
@@ -323,23 +325,31 @@ class Worker:
     # ------------------------------------------------------------------ stages
 
     async def _prepare_group(self, project: int, jobs: list[Job]) -> None:
-        """Read the group's tasks in one request, then fetch each image on its own."""
+        """Read the group's tasks in one request, then fetch each image on its own.
+
+        Within ``settle_s`` of the group's queueing the read starts at once, but a task it
+        does not find yet (the web UI's import sends the webhook before its transaction
+        commits) is read again only once ``settle_s`` has passed, not on its own at once:
+        the post's re-check (``_post_group``) waits for ``settle_s`` too, so no job is
+        posted before its import is complete, and the model works meanwhile."""
         started = self.clock()
         unsettled = {job.id: job for job in jobs}
+        settle_at = max(job.created_at for job in jobs) + self.settings.worker.settle_s
         try:
-            settle = (
-                max(job.created_at for job in jobs) + self.settings.worker.settle_s - self.clock()
-            )
-            if settle > 0:
-                await asyncio.sleep(settle)
-            async with self._io:
-                outcomes = await self._tasks_read.read(project, jobs)
-            for job, outcome in outcomes:
-                del unsettled[job.id]
-                if isinstance(outcome, BaseException):
-                    await self._settler.settle(job, outcome, started)
-                else:
-                    self._spawn(self._prepare(job, outcome, started))
+            while unsettled:
+                early = self.clock() < settle_at
+                async with self._io:
+                    outcomes = await self._tasks_read.read(
+                        project, list(unsettled.values()), singles=not early
+                    )
+                for job, outcome in outcomes:
+                    del unsettled[job.id]
+                    if isinstance(outcome, BaseException):
+                        await self._settler.settle(job, outcome, started)
+                    else:
+                        self._spawn(self._prepare(job, outcome, started))
+                if unsettled:  # not visible yet: read again once the import had its time
+                    await asyncio.sleep(max(0.0, settle_at - self.clock()))
         except BaseException as exc:
             for job in unsettled.values():
                 await self._settler.settle(job, exc, started, reraise=False)
@@ -457,6 +467,11 @@ class Worker:
                     await settle(item.job, exc, item.started)
             if not built:
                 return
+            # Not before settle_s after the queueing: the re-check must see the whole import.
+            settle_at = max(item.job.created_at for item, _ in built)
+            wait = settle_at + self.settings.worker.settle_s - self.clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
             async with self._io:
                 checked = await self._tasks_read.read(project, [item.job for item, _ in built])
                 to_post: list[tuple[_Prepared, PredictionIn]] = []

@@ -38,13 +38,17 @@ class TaskReader:
     not_found_grace_s: float
     clock: Callable[[], float] = time.time
 
-    async def read(self, project: int, jobs: list[Job]) -> list[tuple[Job, Task | BaseException]]:
+    async def read(
+        self, project: int, jobs: list[Job], *, singles: bool = True
+    ) -> list[tuple[Job, Task | BaseException]]:
         """Each job's task, re-read from Label Studio and checked (see ``checked``), or why not.
 
         One lean filtered list request for the group; the tasks missing from its answer in one
         full list request; a task missing from both, or every task when the requests fail
         while Label Studio itself answers, is read on its own, so one bad task fails alone.
-        When Label Studio as a whole is unusable every job gets that error.
+        When Label Studio as a whole is unusable every job gets that error. ``singles=False``:
+        no reads on their own; a job whose task neither list read returned is left out of the
+        answer (a task imported a moment ago may not be committed yet: read it later).
         """
         found: dict[int, Task] = {}
         for full in (False, True):
@@ -73,6 +77,8 @@ class TaskReader:
             try:
                 task = found.get(job.task)
                 if task is None:
+                    if not singles:
+                        continue
                     task = await self._one(job)
                 outcomes.append((job, self.checked(job, task)))
             except Exception as exc:
