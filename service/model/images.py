@@ -79,8 +79,9 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> np.nda
                         f"over the limit of {max_pixels / 1e6:.0f} (prediction.max_pixels)"
                     )
                 img.load()
-                oriented = ImageOps.exif_transpose(img)
-                return _to_rgb(oriented)
+                # In place: a copy of every image costs ~0.5 ms at 1024x768 (most are upright).
+                ImageOps.exif_transpose(img, in_place=True)
+                return _to_rgb(img)
         except ImageError:
             raise
         except Image.DecompressionBombError as exc:
