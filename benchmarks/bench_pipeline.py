@@ -320,6 +320,23 @@ class ServiceRun:
     samples: list[tuple[float, CpuSnapshot]]  # (epoch, CPU) every poll
     results: list[list[dict[str, Any]]]  # some stored prediction results, to replay
     inference: list[tuple[float, float]]  # (epoch, the service's predict_each seconds so far)
+    times: list[float]  # every prediction's created_at, sorted
+    rss: list[tuple[float, int]]  # (epoch, the service's resident kB)
+    peak_kb: int  # the service's VmHWM at the end
+
+    def tenths(self) -> list[tuple[float, int]]:
+        """Per tenth of the predictions (in time order): predictions/s, the peak RSS in kB."""
+        out = []
+        count = len(self.times)
+        for tenth in range(10):
+            lo, hi = tenth * count // 10, (tenth + 1) * count // 10 - 1
+            if hi <= lo:
+                continue
+            start, end = self.times[lo], self.times[hi]
+            rate = (hi - lo) / max(1e-9, end - start)
+            peak = max((kb for at, kb in self.rss if start <= at <= end), default=0)
+            out.append((rate, peak))
+        return out
 
     def model_busy(self) -> float:
         """Share of the first-to-last-prediction time the service spent in predict_each."""
@@ -386,7 +403,8 @@ async def run_service(
     started = time.time()
     samples = [(started, before)]
     inference = [(started, 0.0)]
-    sampling = asyncio.create_task(_sample(groups, samples))
+    rss: list[tuple[float, int]] = []
+    sampling = asyncio.create_task(_sample(groups, samples, rss))
     try:
         await client.upload_files(project, files)
         import_s = time.time() - started
@@ -402,6 +420,7 @@ async def run_service(
         sampling.cancel()
     after = CpuSnapshot.take(groups)
     samples.append((time.time(), after))
+    peak_kb = _status_kb(service.process.pid, "VmHWM")
     requests = requests_since(ls.log_path, offset)
     metrics = service_metrics(service.url)
 
@@ -450,6 +469,9 @@ async def run_service(
         samples=samples,
         results=results,
         inference=inference,
+        times=sorted(times),
+        rss=rss,
+        peak_kb=peak_kb,
     )
 
 
@@ -461,12 +483,27 @@ async def _inference_s(url: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-async def _sample(groups: dict[str, int], into: list[tuple[float, CpuSnapshot]]) -> None:
-    """CPU snapshots every 0.1 s (in a thread: /proc reads block), until cancelled."""
+async def _sample(
+    groups: dict[str, int], into: list[tuple[float, CpuSnapshot]], rss: list[tuple[float, int]]
+) -> None:
+    """CPU snapshots and the service's resident memory every 0.1 s (in a thread: /proc reads
+    block), until cancelled."""
     while True:
         await asyncio.sleep(0.1)
         snapshot = await asyncio.to_thread(CpuSnapshot.take, groups)
         into.append((time.time(), snapshot))
+        rss.append((time.time(), _status_kb(groups["service"], "VmRSS")))
+
+
+def _status_kb(pid: int, key: str) -> int:
+    """A ``/proc/<pid>/status`` figure in kB (0 when the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 # ------------------------------------------------------------------------------ main
@@ -832,6 +869,15 @@ def _print_service(run: ServiceRun, batch_size: int) -> None:
         f"{max(0.0, run.machine_busy_s - ours):.1f} ({run.other_share:.0%}), idle "
         f"{run.machine_total_s - run.machine_busy_s:.1f}"
     )
+    tenths = run.tenths()
+    if len(tenths) == 10:
+        print(
+            "service: per tenth of the predictions, predictions/s: "
+            + " ".join(f"{rate:.1f}" for rate, _ in tenths)
+            + f" (last/first {tenths[-1][0] / tenths[0][0]:.2f}); its peak resident MB: "
+            + " ".join(f"{kb / 1024:.0f}" for _, kb in tenths)
+            + f"; VmHWM {run.peak_kb / 1024:.0f} MB"
+        )
     m = run.metrics
     batches = m.get("ls_autoseg_inference_seconds_count", 0.0)
     infer_s = m.get("ls_autoseg_inference_seconds_sum", 0.0)
