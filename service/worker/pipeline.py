@@ -37,6 +37,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,7 @@ from service.worker.waits import drain, first
 log = logging.getLogger(__name__)
 
 _HELD_BACK_S = 0.05  # the shortest wait after a claim that gave nothing
+_POST_WAIT_S = 1.0  # the longest a post group waits for the model's batch in progress
 
 
 @functools.cache
@@ -80,6 +82,25 @@ def _trim_heap() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+MODEL_THREAD = "autoseg-model"
+"""The operating system's name of the thread that runs the model (and so of the threads
+torch's OpenMP starts from it): ``/proc/<pid>/task/*/comm`` tells their CPU from the rest."""
+
+_PR_SET_NAME = 15
+
+
+def _name_os_thread() -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.prctl(_PR_SET_NAME, MODEL_THREAD.encode()[:15], 0, 0, 0)
+
+
+def _model_executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix=MODEL_THREAD, initializer=_name_os_thread
+    )
 
 
 @dataclass
@@ -113,7 +134,7 @@ class Worker:
         self.metrics: WorkerMetrics = metrics if metrics is not None else NoMetrics()
         # Jobs held at once (claimed, not yet settled): enough to keep downloads, one batch in
         # the model and posts all busy, few enough that a crash re-queues little.
-        self.held = Held(settings.worker.concurrency * 2 + model.batch_size * 2)
+        self.held = Held(settings.worker.concurrency * 2 + model.batch_size * 4)
         self._outage = OutageWatch(
             client,
             self.metrics,
@@ -139,11 +160,13 @@ class Worker:
             not_found_grace_s=settings.worker.not_found_grace_s,
             clock=clock,
         )
-        # Claim in groups of at least a model batch while others are held: every claim costs
-        # Label Studio one task-list request, whose fixed cost dominates a group of one.
-        self._claim_min = min(self.held.capacity, model.batch_size)
+        # Claim in groups of at least two model batches while others are held: every claim
+        # costs Label Studio one task-list request, whose fixed cost (~20 ms of its CPU)
+        # dominates a small group.
+        self._claim_min = min(self.held.capacity, model.batch_size * 2)
         self._alone = False  # the last claim gave a suspect job: claim no more until it ends
         self._post_max = model.batch_size * 4  # results per post group, at most
+        self._post_min = model.batch_size * 2  # ... and at least, while the model is busy
         self._wake = asyncio.Event()
         self._ready: asyncio.Queue[_Prepared] = asyncio.Queue()
         self._results: asyncio.Queue[_Result] = asyncio.Queue()
@@ -159,6 +182,10 @@ class Worker:
         self._ls_files = asyncio.Semaphore(settings.worker.concurrency)
         self._batch: list[_Prepared] = []  # in the model right now
         self._supervisor = Supervisor()
+        # The model runs in a thread of its own (``MODEL_THREAD``: its threads' CPU can be told
+        # from the rest), so decodes and journal writes in the default executor never queue
+        # behind a batch, nor a batch behind them.
+        self._model_thread = _model_executor()
         self._leases = Leases(queue, client, settings.prediction.model_version)
         self._poster = Poster(
             client,
@@ -197,6 +224,7 @@ class Worker:
         Only a one-off run giving up on an outage (``outage_limit_s``) ends it with the error.
         """
         supervise = self._supervisor.run
+        self._model_thread = _model_executor()
         loops = [
             asyncio.create_task(supervise("infer", self._infer_loop), name="infer"),
             asyncio.create_task(supervise("post", self._post_loop), name="post"),
@@ -312,6 +340,7 @@ class Worker:
         # Images that never reached the model, results never posted: back to the queue unused.
         left = drain(self._ready) + [item for item, _ in drain(self._results)]
         await self._settler.give_back(item.job for item in left)
+        self._model_thread.shutdown(wait=False)
 
     def _in_flight(self) -> bool:
         return bool(
@@ -400,7 +429,8 @@ class Worker:
                         break
                 began = time.perf_counter()
                 try:
-                    results = await asyncio.to_thread(
+                    results = await asyncio.get_running_loop().run_in_executor(
+                        self._model_thread,
                         self.model.predict_each,
                         [item.image for item in batch],
                         self.settings.prediction,
@@ -425,17 +455,17 @@ class Worker:
 
     async def _post_loop(self) -> None:
         """Post results in groups: whatever waits (up to ``_post_max``) goes in one request, so
-        posts grow with the load instead of one per model batch."""
+        posts grow with the load instead of one per model batch (see ``_fill``)."""
         while True:
             group = [await self._results.get()]
-            while len(group) < self._post_max and not self._results.empty():
-                group.append(self._results.get_nowait())
-            by_project: dict[int, list[_Result]] = {}
-            for item, result in group:
-                by_project.setdefault(item.job.project, []).append((item, result))
-            pending = list(by_project.items())
             self._posting = group
+            pending: list[tuple[int, list[_Result]]] = []
             try:
+                await self._fill(group)
+                by_project: dict[int, list[_Result]] = {}
+                for item, result in group:
+                    by_project.setdefault(item.job.project, []).append((item, result))
+                pending = list(by_project.items())
                 while pending:
                     try:
                         await self._post_group(*pending[0])  # settles each item, even on errors
@@ -443,11 +473,32 @@ class Worker:
                         log.exception("posting a group for project %s failed", pending[0][0])
                     pending.pop(0)
             except asyncio.CancelledError:
-                never_posted = [item.job for _, items in pending[1:] for item, _ in items]
+                never_posted = (
+                    [item.job for _, items in pending[1:] for item, _ in items]
+                    if pending
+                    else [item.job for item, _ in group]
+                )
                 await self._settler.give_back(never_posted)
                 raise
             finally:
                 self._posting = []
+
+    async def _fill(self, group: list[_Result]) -> None:
+        """Add the results that wait to ``group``; while it holds less than ``_post_min`` and
+        the model is running a batch, wait for that batch too (at most ``_POST_WAIT_S``):
+        every post group costs Label Studio a re-check and a post whatever its size."""
+        deadline = time.monotonic() + _POST_WAIT_S
+        while len(group) < self._post_max:
+            if not self._results.empty():
+                group.append(self._results.get_nowait())
+                continue
+            remaining = deadline - time.monotonic()
+            if len(group) >= self._post_min or not self._batch or remaining <= 0:
+                return
+            try:
+                group.append(await asyncio.wait_for(self._results.get(), remaining))
+            except TimeoutError:
+                return
 
     async def _post_group(self, project: int, group: list[_Result]) -> None:
         """Encode the group's masks, re-check its tasks in one request, post the predictions.
