@@ -109,15 +109,17 @@ NOISE_SPREAD = 1.25
 SEED = 20251201
 JPEG_QUALITY = 90
 POLL_S = 0.5
+SAMPLE_S = 0.25  # CPU and memory samples during the service run
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------ machine
 
 
-def group_cpu_s(pgid: int) -> float:
-    """User + system CPU seconds of the live processes in process group ``pgid``."""
-    total = 0
+def groups_cpu_s(pgids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds of the live processes in each process group, one pass over
+    /proc for all of them (the sampling runs beside the service: it must cost little)."""
+    by_group = {pgid: 0 for pgid in pgids.values()}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -126,9 +128,10 @@ def group_cpu_s(pgid: int) -> float:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+        group = int(fields[2])
+        if group in by_group:
+            by_group[group] += int(fields[11]) + int(fields[12])
+    return {name: by_group[pgid] / CLK_TCK for name, pgid in pgids.items()}
 
 
 def threads_cpu_s(pid: int, name: str) -> float:
@@ -162,7 +165,7 @@ class CpuSnapshot:
     @classmethod
     def take(cls, groups: dict[str, int]) -> CpuSnapshot:
         busy, total = machine_cpu_s()
-        return cls({name: group_cpu_s(pgid) for name, pgid in groups.items()}, busy, total)
+        return cls(groups_cpu_s(groups), busy, total)
 
     def other_share(self, before: CpuSnapshot) -> float:
         """Share of the machine's CPU time used by processes outside ``groups`` since then."""
@@ -505,10 +508,10 @@ async def _inference_s(url: str) -> float:
 async def _sample(
     groups: dict[str, int], into: list[tuple[float, CpuSnapshot]], rss: list[tuple[float, int]]
 ) -> None:
-    """CPU snapshots and the service's resident memory every 0.1 s (in a thread: /proc reads
-    block), until cancelled."""
+    """CPU snapshots and the service's resident memory every ``SAMPLE_S`` (in a thread: /proc
+    reads block), until cancelled."""
     while True:
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(SAMPLE_S)
         snapshot = await asyncio.to_thread(CpuSnapshot.take, groups)
         into.append((time.time(), snapshot))
         rss.append((time.time(), _status_kb(groups["service"], "VmRSS")))
