@@ -153,6 +153,8 @@ def start(
         "SENTRY_DSN": "",  # Sentry off
         "DJANGO_DB": "sqlite",
         BULK_PREDICTIONS_FLAG: "true" if bulk_predictions_flag else "false",
+        # Its log is a file: unbuffered, each line is there when the request is answered.
+        "PYTHONUNBUFFERED": "1",
     }
     env.update(settings)
     env.update(extra_env or {})
