@@ -3,6 +3,7 @@
 Run from the repository root (the first run installs Label Studio into its cached venv):
 
     .venv/bin/python benchmarks/bench_pipeline.py [--images 200] [--size 1024x768]
+        [--reads disk|http] [--model heavy|FILE] [--bare-runs 2]
 
 What it does:
 
@@ -45,12 +46,21 @@ What it does:
    both sides alike and one disturbed run does not decide it.
 
 It prints the machine, the images, each run, where the CPU went during the service run (per
-process group, from /proc) and the service's own metrics, then the bare and service images/s
-and, last, the ratio service/bare against the target 0.85. Other load on the machine skews
-the ratio (a two-thread torch run suffers far more from a stolen core than Label Studio does),
-so when other processes used over 10% of the CPUs during a run, or the bare runs differ by
-over 25%, a WARNING line says the figures are unreliable. Exit code 0 when the target is met
-and every task has exactly one prediction, 1 otherwise, 2 when it could not run.
+process group, from /proc) and the service's own metrics; the predictions per second and the
+service's peak memory per tenth of the predictions (for ``--images 10000``: the last tenth's
+rate against the first, the peak flat); Label Studio's CPU split by kind of request (its
+access log counts each kind; each kind is then replayed one request at a time on the idle
+server, in a scratch project, to price it: ``ls_requests.py``) and the part the service caused
+(all but the benchmark's import); the service's CPU outside its model threads (the threads
+named ``pipeline.MODEL_THREAD``, read from /proc/<pid>/task); and, from the first prediction to
+the last, how busy the model and Label Studio were and how idle the machine; then the bare
+and service images/s and, last, the ratio service/bare against the target (0.5 with the demo
+model, 0.85 with ``--model``). Other load on the machine skews the ratio (a two-thread torch
+run suffers far more from a stolen core than Label Studio does), so when other processes used
+over 10% of the CPUs during a run, or the bare runs differ by over 25%, a WARNING line says
+the figures are unreliable. Exit code 0 when the targets (ratio, Label Studio's and the
+service's CPU a task) are met and every task has exactly one prediction, 1 otherwise, 2 when
+it could not run.
 """
 
 from __future__ import annotations
@@ -763,7 +773,12 @@ def _measure(
     )
     print(f"service: {result.rate:.2f} images/s ({result.tasks} images in {result.seconds:.2f} s)")
     print(f"target: service/bare >= {target_ratio}")
-    verdict = "PASS" if ok else ("FAIL" if not result.problems else "FAIL (see PROBLEM)")
+    if result.problems:
+        verdict = "FAIL (see PROBLEM)"
+    elif ratio < target_ratio:
+        verdict = "FAIL"
+    else:
+        verdict = "PASS" if split_ok else "PASS (a CPU target above is not met: exit 1)"
     print(f"ratio service/bare: {ratio:.3f} ({verdict})")
     return 0 if ok else 1
 

@@ -2,7 +2,7 @@
 
 Three stages overlap so the model is never idle while there is work:
 
-- *prepare*: the jobs claimed together (at least a model batch while others are in flight)
+- *prepare*: the jobs claimed together (at least two model batches while others are in flight)
   are re-read from Label Studio in one list request per project (``service/worker/tasks.py``:
   a task a person annotated or that holds a prediction of this model_version is skipped; one
   not visible yet is read again once ``worker.settle_s`` has passed since its queueing);
