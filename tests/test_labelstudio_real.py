@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 from ls_fixtures import BRUSH_CONFIG, BRUSH_LABELS, brush_result, misfit_batch, new_brush_project
+from PIL import Image
 
 from service.constants import SECRET_HEADER, TASKS_CREATED
 from service.errors import AuthError, LabelStudioError, NotFoundError
 from service.labelstudio import PredictionIn
 from service.labelstudio.client import LabelStudioClient
+from service.labelstudio.queries import LEAN_FIELDS, untouched_query
 from service.labelstudio.webhooks import ensure_webhook
 from service.local import lsserver
 from service.metrics import NoMetrics
@@ -287,6 +293,94 @@ def test_untouched_tasks_reads_lean_and_leaves_out_what_needs_no_work(
             }
 
     asyncio.run(run())
+
+
+def test_counters_of_imported_tasks_are_set_before_the_webhook(
+    ls_client: MakeClient, label_studio: lsserver.LocalLabelStudio
+) -> None:
+    """The lean reads trust the task's counters: read from inside Label Studio's webhook
+    (the import request waits for it), a task imported with an annotation, or a skipped one,
+    already counts it, and the untouched filter leaves it out; the web UI's import has not
+    committed its tasks yet at that moment (read again after worker.settle_s)."""
+    seen: list[dict[str, Any]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            ids = [t["id"] for t in body.get("tasks", [])]
+            project = body["project"]["id"]
+            headers = {"Authorization": f"Token {label_studio.legacy_token}"}
+            with httpx.Client(base_url=label_studio.url, headers=headers, timeout=10) as http:
+                lean = http.get(
+                    "/api/tasks/",
+                    params={
+                        "project": project,
+                        "include": LEAN_FIELDS,
+                        "query": json.dumps({"selectedItems": {"all": False, "included": ids}}),
+                    },
+                ).json()["tasks"]
+                untouched = http.get(
+                    "/api/tasks/",
+                    params={
+                        "project": project,
+                        "include": LEAN_FIELDS,
+                        "query": json.dumps(untouched_query("v1", ids=ids)),
+                    },
+                ).json()["tasks"]
+            seen.append(
+                {
+                    "counters": {
+                        t["id"]: (t["total_annotations"], t["cancelled_annotations"]) for t in lean
+                    },
+                    "untouched": sorted(t["id"] for t in untouched),
+                }
+            )
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    async def run() -> tuple[list[int], list[int]]:
+        async with ls_client() as ls:
+            project = await new_brush_project(ls)
+            await ls.create_webhook(
+                project.id, f"http://127.0.0.1:{server.server_address[1]}/", {}, [TASKS_CREATED]
+            )
+            api = await ls.import_tasks(
+                project.id,
+                [
+                    {"data": {"image": "/a.png"}, "annotations": [{"result": brush_result()}]},
+                    {
+                        "data": {"image": "/b.png"},
+                        "annotations": [{"result": [], "was_cancelled": True}],
+                    },
+                    {"data": {"image": "/c.png"}},
+                ],
+            )
+            uploads = await ls.upload_files(project.id, [("d.png", png_bytes())], commit=False)
+            await ls.reimport(project.id, uploads)
+            return api, uploads
+
+    try:
+        (annotated, skipped, plain), _ = asyncio.run(run())
+    finally:
+        server.shutdown()
+        server.server_close()
+    api_import, ui_import = seen
+    assert api_import["counters"] == {annotated: (1, 0), skipped: (0, 1), plain: (0, 0)}
+    assert api_import["untouched"] == [plain]
+    assert ui_import == {"counters": {}, "untouched": []}  # not committed yet
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def reader(ls: LabelStudioClient) -> TaskReader:

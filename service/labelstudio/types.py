@@ -105,9 +105,10 @@ class Task:
     def is_annotated(self) -> bool:
         """A person has looked at it: any annotation, submitted or skipped.
 
-        The annotation list decides when it was fetched: Label Studio updates the task's
-        counters after an import has already sent its webhook, so a fresh task can show 0 with
-        one there.
+        The annotation list decides when it was fetched, else the counters. Label Studio
+        1.23.2 sets the counters of imported tasks with the tasks themselves, before the
+        import's webhook (checked from inside the webhook in test_labelstudio_real.py), and
+        updates them on every annotation save and delete.
         """
         if self.annotations:
             return True

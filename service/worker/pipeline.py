@@ -364,9 +364,10 @@ class Worker:
         started = self.clock()
         unsettled = {job.id: job for job in jobs}
         settle_at = max(job.created_at for job in jobs) + self.settings.worker.settle_s
+        waited = False
         try:
             while unsettled:
-                early = self.clock() < settle_at
+                early = not waited and self.clock() < settle_at
                 async with self._io:
                     outcomes = await self._tasks_read.read(
                         project, list(unsettled.values()), singles=not early
@@ -379,6 +380,7 @@ class Worker:
                         self._spawn(self._prepare(job, outcome, started))
                 if unsettled:  # not visible yet: read again once the import had its time
                     await asyncio.sleep(max(0.0, settle_at - self.clock()))
+                    waited = True
         except BaseException as exc:
             for job in unsettled.values():
                 await self._settler.settle(job, exc, started, reraise=False)
@@ -424,7 +426,8 @@ class Worker:
                     if remaining <= 0 and self._ready.empty():
                         break
                     try:
-                        batch.append(await asyncio.wait_for(self._ready.get(), max(remaining, 0)))
+                        async with asyncio.timeout(max(remaining, 0)):  # see ``_fill``
+                            batch.append(await self._ready.get())
                     except TimeoutError:
                         break
                 began = time.perf_counter()
@@ -496,7 +499,10 @@ class Worker:
             if len(group) >= self._post_min or not self._batch or remaining <= 0:
                 return
             try:
-                group.append(await asyncio.wait_for(self._results.get(), remaining))
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that
+                # comes as the get completes, and shutdown would wait on this loop for ever.
+                async with asyncio.timeout(remaining):
+                    group.append(await self._results.get())
             except TimeoutError:
                 return
 

@@ -84,6 +84,9 @@ class Poster:
         if cheap is None:
             try:
                 cheap = await self.client.bulk_is_cheap(project)
+            except LabelStudioError as exc:  # an answer, not the expected one: not cheap
+                log.warning("project %s: bulk posts taken as not cheap: %s", project, exc)
+                cheap = False
             except AutosegError as exc:  # asked again next time; meanwhile one request each
                 log.warning(
                     "project %s: cannot tell whether bulk posts are cheap: %s", project, exc
