@@ -26,6 +26,8 @@
     └── RetryableError           transient: the worker retries with backoff
         ├── LabelStudioUnavailable  connection error, timeout, 429 or 5xx (after retries)
         ├── DownloadTimeout      an image download past ``label_studio.download_timeout_s``
+        ├── PostUnanswered       a post of predictions with no answer (it may land later): the
+        │                        job's next post is checked for a second prediction
         └── NotYetVisible        a task's 404 soon after its webhook (the import has not
                                  committed): retried from 1 s, never taken for an outage
 
@@ -115,6 +117,21 @@ class NotFoundError(LabelStudioError):
 
 class LabelStudioUnavailable(RetryableError):
     """Label Studio could not be reached, timed out, or answered 429/5xx, after retries."""
+
+
+POST_UNANSWERED = "the post of its prediction got no answer"
+"""How a ``PostUnanswered`` reason starts; the journal keeps it as the job's reason, and the
+worker reads it back on the next attempt (``service/worker/leases.py``)."""
+
+
+class PostUnanswered(RetryableError):
+    """A post of predictions that failed without a clear answer (a timeout, a connection lost,
+    a 5xx): Label Studio may have stored it, or may still. The retry's re-check finds what was
+    stored by then; what lands after it is undone after the job's next post (the first
+    prediction stays)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"{POST_UNANSWERED}: {cause}")
 
 
 class DownloadTimeout(RetryableError):

@@ -169,8 +169,9 @@ def test_error_answers_and_slow_answers(
     until(lambda: drained(env), 60, "the queue to drain")
     assert_correct(tasks, pictures, set())
     text = assert_all_settled(env, 12)
-    # the injected failures were really hit: 4 posts answered badly, then at least one good
-    assert proxy.count("POST", POSTS) >= 4 + 1
+    # the injected failures were really hit: the two 500s and at least one late answer (bulk
+    # groups may hold all 12 tasks, so one applied late answer can leave nothing to post)
+    assert proxy.count("POST", POSTS) >= 2 + 1
     counts, _ = service.status()
     assert counts["skipped"] >= 1, text  # a late-answered POST found on the re-check
     assert service.alive()

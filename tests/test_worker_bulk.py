@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from test_worker_faults import (
     PROJECT,
     TASK_RE,
@@ -117,3 +118,20 @@ def test_a_bulk_call_answered_500_is_retried_through_the_queue(
     assert_one_correct_prediction_each(fake, fake.tasks)
     assert max(queue.get(PROJECT, t, "v1").attempts for t in fake.tasks) == 2  # type: ignore[union-attr]
     assert queue.counts()[JobState.FAILED] == 0
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_a_post_stored_only_after_the_retrys_recheck_is_undone_on_a_local_queue(
+    run: Run, queue: SQLiteJobQueue, mode: str
+) -> None:
+    """The post got no answer and Label Studio stored it late: after the retry's re-check,
+    just before the retry's own post. The retry knows (its reason) and keeps the first."""
+    fake = FakeLabelStudio(tasks=list(range(1, 5)))
+    path = r"/import/predictions$" if mode == "on" else r"^/api/predictions/$"
+    fake.faults = {("POST", path): ["timeout-late"]}
+    run(fake, bulk_predictions=mode, batch_wait_s=0.5)
+    assert fake.deleted, "the later prediction of a raced task was deleted"
+    assert_one_correct_prediction_each(fake, fake.tasks)
+    for task in fake.tasks:  # the one that stayed is the first stored for its task
+        (kept,) = fake.predictions[task]
+        assert kept["id"] == min(i for t, i in fake.history if t == task)

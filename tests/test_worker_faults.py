@@ -32,6 +32,7 @@ from service.worker import Worker, WorkerSettings
 
 PROJECT = 7
 TASK_RE = re.compile(r"^/api/tasks/(\d+)/$")
+PREDICTION_RE = re.compile(r"^/api/predictions/(\d+)/$")
 INVALID_TOKEN = {"detail": "Invalid token."}
 TARGET = BrushTarget(PROJECT, "tag", "image", "image", {"red": "label_a"})
 
@@ -94,8 +95,12 @@ class FakeLabelStudio:
     down_after: int | None = None  # go down once this many predictions are stored
     bulk_cheap: bool = True  # import/predictions runs its batched path (the flag on)
     import_batch: int = 500  # its PREDICTION_IMPORT_BATCH_SIZE
+    late: list[httpx.Request] = field(default_factory=list)  # "timeout-late" requests
+    deleted: list[int] = field(default_factory=list)  # predictions deleted, by id
+    history: list[tuple[int, int]] = field(default_factory=list)  # (task, id) of every store
     # (method, path regex) -> answers to give first: an int status, "timeout", "timeout-after"
-    # (apply the request, then time out) or "refused"
+    # (apply the request, then time out), "timeout-late" (time out, and apply the request
+    # just before the next post for one of its tasks) or "refused"
     faults: dict[tuple[str, str], list[object]] = field(default_factory=dict)
 
     def handler(self, request: httpx.Request) -> httpx.Response:
@@ -116,8 +121,16 @@ class FakeLabelStudio:
                 if answer == "timeout-after":
                     after = "timeout"
                     break
+                if answer == "timeout-late":  # applied only just before the next post
+                    self.late.append(request)
+                    raise httpx.ReadTimeout("timed out, stored later", request=request)
                 assert isinstance(answer, int)
                 return httpx.Response(answer, json={"detail": "injected"})
+        if self.late and request.method == "POST" and "predictions" in path:
+            # a late one lands just before the next post for one of its tasks
+            for stashed in [r for r in self.late if posted_tasks(r) & posted_tasks(request)]:
+                self.answer(stashed)
+                self.late.remove(stashed)
         response = self.answer(request)
         if after == "timeout":
             raise httpx.ReadTimeout("timed out after the server applied it", request=request)
@@ -138,6 +151,12 @@ class FakeLabelStudio:
 
     def answer(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
+        if (match := PREDICTION_RE.match(path)) and request.method == "DELETE":
+            gone = int(match.group(1))
+            self.deleted.append(gone)
+            for task, posted in self.predictions.items():
+                self.predictions[task] = [p for p in posted if p["id"] != gone]
+            return httpx.Response(204)
         if path == "/api/current-user/whoami":
             return httpx.Response(200, json={"id": 1, "email": "ops@example.com"})
         if match := TASK_RE.match(path):
@@ -215,10 +234,17 @@ class FakeLabelStudio:
         return True
 
     def store(self, body: dict[str, Any]) -> None:
-        stored = {**body, "id": 1000 + sum(map(len, self.predictions.values()))}
+        stored = {**body, "id": 1000 + len(self.history)}
+        self.history.append((body["task"], stored["id"]))
         self.predictions.setdefault(body["task"], []).append(stored)
         if self.down_after is not None and len(self.predictions) >= self.down_after:
             self.down, self.down_after = True, None
+
+
+def posted_tasks(request: httpx.Request) -> set[int]:
+    """The tasks a post of predictions (one, or a bulk list) is for."""
+    body = json.loads(request.content)
+    return {item["task"] for item in (body if isinstance(body, list) else [body])}
 
 
 @dataclass

@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -39,7 +38,6 @@ from service.worker.supervise import Supervisor
 
 LEASE_S = 30.0
 VERSION = PredictionConfig().model_version
-PREDICTION_RE = re.compile(r"^/api/predictions/(\d+)/$")
 
 
 @dataclass
@@ -59,7 +57,6 @@ class StealingLabelStudio(FakeLabelStudio):
     steal: Callable[[httpx.Request], None] = lambda request: None
     after: bool = False
     stolen: bool = False
-    deleted: list[int] = field(default_factory=list)
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         trigger = not self.stolen and self.when(request)
@@ -71,16 +68,6 @@ class StealingLabelStudio(FakeLabelStudio):
             self.stolen = True
             self.steal(request)
         return response
-
-    def answer(self, request: httpx.Request) -> httpx.Response:
-        match = PREDICTION_RE.match(request.url.path)
-        if match and request.method == "DELETE":
-            gone = int(match.group(1))
-            self.deleted.append(gone)
-            for task, posted in self.predictions.items():
-                self.predictions[task] = [p for p in posted if p["id"] != gone]
-            return httpx.Response(204)
-        return super().answer(request)
 
 
 @pytest.fixture

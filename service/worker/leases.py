@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from service.errors import RetryableError
+from service.errors import POST_UNANSWERED, RetryableError
 from service.labelstudio.client import LabelStudioClient
 from service.queue import Job, JobQueue
 from service.worker.supervise import Supervisor
@@ -63,8 +63,11 @@ class Leases:
         return set(await asyncio.to_thread(self.queue.confirm, [job.id for job in jobs]))
 
     def may_race(self, job: Job) -> bool:
-        """Whether another worker may have posted for ``job`` too: on a shared queue, a job
-        tried before (its last worker may have been lost with its post in flight)."""
+        """Whether another post for ``job`` may land beside ours: on a shared queue, a job
+        tried before (its last worker may have been lost with its post in flight); on any
+        queue, a job whose last post got no answer (``PostUnanswered``: it may land late)."""
+        if POST_UNANSWERED in (job.reason or ""):
+            return True
         return self.queue.shared and job.attempts > 1
 
     async def keep_first(self, job: Job, created: int | None) -> None:

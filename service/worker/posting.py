@@ -17,8 +17,9 @@ Exactly one prediction per task, whatever happens to a bulk call:
   model_version now are done, the rest are posted one request each, so one bad task fails
   alone.
 - No answer (a timeout, a connection lost, a 5xx): it may have stored some or all, or not yet.
-  The group goes back to the queue as a transient failure; each retry reads its task first
-  and skips it if a prediction is there (the same rule as a single POST that timed out).
+  The group goes back to the queue (``PostUnanswered``); each retry reads its task first and
+  skips it if a prediction is there, and one stored only after that read is undone after the
+  retry's own post: the first one stays (the same rule for a single POST without answer).
 
 On a shared queue (``leases.py``) the worker asks before and after the call whether it still
 holds the jobs; a job it lost meanwhile, or one tried before, gets the first-one-stays check.
@@ -30,7 +31,15 @@ import asyncio
 import logging
 
 from service.constants import BulkMode
-from service.errors import AutosegError, LabelStudioError, LeaseLost, SkipJob
+from service.errors import (
+    AutosegError,
+    LabelStudioError,
+    LabelStudioUnavailable,
+    LeaseLost,
+    PostUnanswered,
+    RetryableError,
+    SkipJob,
+)
 from service.labelstudio import PredictionIn
 from service.labelstudio.client import LabelStudioClient
 from service.queue import Job
@@ -137,7 +146,10 @@ class Poster:
                 len(items),
                 exc,
             )
-        except Exception as exc:  # no answer: retried through the queue, each read first
+        except RetryableError as exc:  # no clear answer: retried through the queue
+            unanswered = PostUnanswered(exc)
+            return [(job, unanswered) for job, _ in items]
+        except Exception as exc:  # no answer either (a bug, a cancel): retried, read first
             return [(job, exc) for job, _ in items]
         else:
             if created == len(items):
@@ -185,6 +197,8 @@ class Poster:
                     created = await self.client.create_prediction(
                         prediction, retry=False, project=job.project
                     )
+                except LabelStudioUnavailable as exc:  # no clear answer: it may land later
+                    return PostUnanswered(exc)
                 except Exception as exc:  # the post, or the queue away: this job's outcome
                     return exc
                 outcomes: dict[int, Posted] = {job.id: f"prediction {created}"}
