@@ -30,6 +30,7 @@ from service.config.settings import (
     Thresholds,
     WorkerConfig,
     image_host_problem,
+    queue_url_problem,
     url_problem,
 )
 from service.constants import POSTGRES_SCHEMES
@@ -298,29 +299,14 @@ def _parse_queue(s: Section[QueueConfig]) -> QueueConfig:
         elif not url.startswith(POSTGRES_SCHEMES):
             # Not echoed: it may hold a password.
             raise s.error("url", "must be sqlite or a postgresql://user@host:port/db URL")
-        elif not _libpq_reads(url):
-            raise s.error(
-                "url",
-                "is not a PostgreSQL URL libpq can read (percent-encode a password holding"
-                " %, @, /, ? or #; only libpq's own ?parameters are allowed)",
-            )
+        elif problem := queue_url_problem(url):
+            raise s.error("url", problem)
     queue = s.build({"url": url}, float_minimum=0.0)
     if queue.retention_days == 0:  # would delete each job as it ends
         raise s.error("retention_days", "must be > 0")
     if queue.lease_s == 0:
         raise s.error("lease_s", "must be > 0")
     return queue
-
-
-def _libpq_reads(url: str) -> bool:
-    """Whether libpq can parse ``url`` (psycopg imported only where a URL is configured)."""
-    import psycopg
-
-    try:
-        psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return False
-    return True
 
 
 def _expand_env(value: object, environ: Mapping[str, str]) -> object:

@@ -93,6 +93,21 @@ class LabelStudioConfig:
     bulk_predictions: BulkMode = "auto"
 
 
+def queue_url_problem(url: str) -> str | None:
+    """Why libpq cannot read the PostgreSQL ``queue.url`` (the config's and the queue's one
+    check), or None. Names no part of the URL: its password may be what is malformed."""
+    import psycopg  # only where a PostgreSQL queue is configured
+
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return (
+            "is not a PostgreSQL URL libpq can read (percent-encode a password holding"
+            " %, @, /, ? or #; only libpq's own ?parameters are allowed)"
+        )
+    return None
+
+
 def url_problem(url: str) -> str | None:
     """Why ``url`` cannot be a Label Studio URL (the config's and the client's one check), or
     None."""

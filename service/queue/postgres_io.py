@@ -20,6 +20,7 @@ import psycopg
 import psycopg_pool
 from psycopg import sql
 
+from service.config.settings import queue_url_problem
 from service.errors import ConfigError, RetryableError
 
 log = logging.getLogger(__name__)
@@ -55,16 +56,9 @@ LISTEN_RETRY_S = (0.5, 10.0)  # the listener's reconnect backoff: first, longest
 def check_url(url: str) -> None:
     """A ``ConfigError`` for a URL libpq cannot read (a bad percent-encoding, an unknown
     query parameter), naming no part of it: its password may be what is malformed."""
-    try:
-        psycopg.conninfo.conninfo_to_dict(url)
-        readable = True
-    except psycopg.ProgrammingError:
-        readable = False
-    if not readable:  # raised out here: libpq's message, holding the URL, is no context
-        raise ConfigError(
-            "queue.url is not a PostgreSQL URL libpq can read (percent-encode a password"
-            " holding %, @, /, ? or #; only libpq's own ?parameters are allowed)"
-        )
+    problem = queue_url_problem(url)
+    if problem:  # not libpq's message: it holds the URL
+        raise ConfigError(f"queue.url {problem}")
 
 
 def public_url(url: str) -> str:
