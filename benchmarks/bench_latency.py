@@ -40,10 +40,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench_pipeline import make_jpegs, parse_size  # noqa: E402
-from machine import machine_line, service_config  # noqa: E402
+from machine import machine_line, service_config, start_hooked  # noqa: E402
 
 from service.config import ReconcileConfig, load_config  # noqa: E402
-from service.constants import SECRET_ENV, TOKEN_ENV, WEBHOOK_PATH  # noqa: E402
+from service.constants import SECRET_ENV, TOKEN_ENV  # noqa: E402
 from service.labelstudio.client import LabelStudioClient  # noqa: E402
 from service.local import lsserver  # noqa: E402
 from service.local.process import ServiceProcess  # noqa: E402
@@ -106,10 +106,7 @@ async def measure(args: argparse.Namespace, work: Path, ls: lsserver.LocalLabelS
         rows: list[tuple[float, float, float]] = []
         problems: list[str] = []
         try:
-            service.start()
-            hooked = service.cli("hook", "--url", f"{service.url}{WEBHOOK_PATH}")
-            if hooked.returncode != 0:
-                print(f"hook failed:\n{hooked.stdout}{hooked.stderr}", file=sys.stderr)
+            if not start_hooked(service):
                 return 2
             with open_queue(config) as queue:
                 for name, data in files:

@@ -94,10 +94,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ls_requests import KINDS, Requests, log_size, replay_all, requests_since  # noqa: E402
-from machine import cpu_model, service_config  # noqa: E402
+from machine import cpu_model, service_config, start_hooked  # noqa: E402
 
 from service.config import Config, PredictionConfig, ReconcileConfig, load_config  # noqa: E402
-from service.constants import SECRET_ENV, TOKEN_ENV, WEBHOOK_PATH  # noqa: E402
+from service.constants import SECRET_ENV, TOKEN_ENV  # noqa: E402
 from service.labelstudio.client import LabelStudioClient  # noqa: E402
 from service.local import lsserver  # noqa: E402
 from service.local.process import ServiceProcess  # noqa: E402
@@ -711,10 +711,7 @@ def _measure(
 
     service = ServiceProcess(config_path, port, work / "service.log", env)
     try:
-        service.start()
-        hooked = service.cli("hook", "--url", f"{service.url}{WEBHOOK_PATH}")
-        if hooked.returncode != 0:
-            print(f"hook failed:\n{hooked.stdout}{hooked.stderr}", file=sys.stderr)
+        if not start_hooked(service):
             return 2
 
         async def run(queue: JobQueue) -> ServiceRun:

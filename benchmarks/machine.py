@@ -8,11 +8,13 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 from service import config as settings
-from service.constants import SECRET_ENV
+from service.constants import SECRET_ENV, WEBHOOK_PATH
+from service.local.process import ServiceProcess
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,3 +91,14 @@ def service_config(
         queue=queue,
     )
     return path, settings.load_config(path, environ={})
+
+
+def start_hooked(service: ServiceProcess) -> bool:
+    """Start ``serve`` and register its webhook with ``hook``, as an operator does; False (the
+    reason printed) when the hook fails."""
+    service.start()
+    hooked = service.cli("hook", "--url", f"{service.url}{WEBHOOK_PATH}")
+    if hooked.returncode != 0:
+        print(f"hook failed:\n{hooked.stdout}{hooked.stderr}", file=sys.stderr)
+        return False
+    return True
