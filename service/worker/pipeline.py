@@ -114,6 +114,8 @@ _Result = tuple[_Prepared, ImagePrediction | str]
 
 
 class Worker:
+    _model_thread: ThreadPoolExecutor  # one per run (see ``run``)
+
     def __init__(
         self,
         queue: JobQueue,
@@ -182,10 +184,6 @@ class Worker:
         self._ls_files = asyncio.Semaphore(settings.worker.concurrency)
         self._batch: list[_Prepared] = []  # in the model right now
         self._supervisor = Supervisor()
-        # The model runs in a thread of its own (``MODEL_THREAD``: its threads' CPU can be told
-        # from the rest), so decodes and journal writes in the default executor never queue
-        # behind a batch, nor a batch behind them.
-        self._model_thread = _model_executor()
         self._leases = Leases(queue, client, settings.prediction.model_version)
         self._poster = Poster(
             client,
@@ -224,6 +222,9 @@ class Worker:
         Only a one-off run giving up on an outage (``outage_limit_s``) ends it with the error.
         """
         supervise = self._supervisor.run
+        # The model runs in a thread of its own (``MODEL_THREAD``: its threads' CPU can be told
+        # from the rest), so decodes and journal writes in the default executor never queue
+        # behind a batch, nor a batch behind them; shut down with the run.
         self._model_thread = _model_executor()
         loops = [
             asyncio.create_task(supervise("infer", self._infer_loop), name="infer"),
