@@ -52,12 +52,11 @@ class Leases:
 
     async def holds(self, job: Job) -> bool:
         """Whether this worker still holds ``job``, its lease renewed by the asking."""
-        if not self.queue.shared:
-            return True
-        return job.id in await asyncio.to_thread(self.queue.confirm, [job.id])
+        return job.id in await self.holding([job])
 
     async def holding(self, jobs: list[Job]) -> set[int]:
-        """The ids of ``jobs`` this worker still holds (one question to the queue)."""
+        """The ids of ``jobs`` this worker still holds, their leases renewed by the asking
+        (one question to a shared queue; on a queue of one process, all of them)."""
         if not self.queue.shared:
             return {job.id for job in jobs}
         return set(await asyncio.to_thread(self.queue.confirm, [job.id for job in jobs]))
