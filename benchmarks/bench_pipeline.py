@@ -70,7 +70,6 @@ import asyncio
 import io
 import os
 import platform
-import re
 import secrets
 import shutil
 import statistics
@@ -119,6 +118,7 @@ NOISE_SPREAD = 1.25
 SEED = 20251201
 JPEG_QUALITY = 90
 POLL_S = 0.5
+INFERENCE_SUM = "ls_autoseg_inference_seconds_sum"  # the service's predict_each seconds
 SAMPLE_S = 0.25  # CPU and memory samples during the service run
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -448,7 +448,8 @@ async def run_service(
                 raise RuntimeError(f"service exited during the run:\n{service.tail()}")
             await asyncio.sleep(POLL_S)
             journal = Journal.read(queue)
-            inference.append((time.time(), await _inference_s(service.url)))
+            metrics_now = await asyncio.to_thread(service_metrics, service.url)
+            inference.append((time.time(), metrics_now.get(INFERENCE_SUM, 0.0)))
     finally:
         sampling.cancel()
     after = CpuSnapshot.take(groups)
@@ -508,14 +509,6 @@ async def run_service(
         peak_kb=peak_kb,
         model_cpu=model_cpu,
     )
-
-
-async def _inference_s(url: str) -> float:
-    """The service's ``predict_each`` seconds so far (its metric)."""
-    async with httpx.AsyncClient(timeout=10) as http:
-        text = (await http.get(f"{url}/metrics")).text
-    match = re.search(r"^ls_autoseg_inference_seconds_sum (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
 
 
 async def _sample(
@@ -919,7 +912,7 @@ def _print_service(run: ServiceRun, batch_size: int) -> None:
         )
     m = run.metrics
     batches = m.get("ls_autoseg_inference_seconds_count", 0.0)
-    infer_s = m.get("ls_autoseg_inference_seconds_sum", 0.0)
+    infer_s = m.get(INFERENCE_SUM, 0.0)
     images = m.get("ls_autoseg_inference_batch_size_sum", 0.0)
     jobs = m.get("ls_autoseg_job_seconds_count", 0.0)
     job_mean = m.get("ls_autoseg_job_seconds_sum", 0.0) / max(1.0, jobs)
